@@ -1,0 +1,108 @@
+"""The result record every bench writes to benchmarks/results/<bench>.json.
+
+    {
+      "bench": "infer",                      # name, = file name
+      "config": {...},                       # the resolved dataclass the bench ran with
+      "preset": "default" | "full" | ...,    # which embedded matrix was run
+      "units": {"tok_per_s": "tokens/s"},    # unit of every metric key used in rows
+      "columns": ["model", "dtype", ...],    # the keys shown in the README table, in order
+      "rows": [{"model": "...", "tok_per_s": 81.2, ...}, ...],   # one per measured configuration
+      "goals": [{"name", "metric", "measured", "target", "op", "met", "note"}],
+      "notes": ["..."],                      # what was counted, why a goal is missed, ...
+      "provenance": {...}                    # common.provenance.provenance()
+    }
+
+A goal is met when `measured <op> target`; a goal that could not be measured has measured None and met
+False, with a note saying why. Records are written atomically (temp file + rename).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import operator
+import os
+import tempfile
+from pathlib import Path
+
+from common.provenance import REPO_ROOT, provenance
+
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
+
+
+def goal(name: str, metric: str, measured: float | None, target: float, op: str = ">=", note: str = "") -> dict:
+    """One stated goal of a bench and whether this run met it."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}")
+    ok = measured is not None and not (isinstance(measured, float) and math.isnan(measured)) \
+        and bool(OPS[op](measured, target))
+    return {"name": name, "metric": metric, "measured": measured, "target": target, "op": op, "met": ok,
+            "note": note}
+
+
+def _plain(x):
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(x).items()}
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None  # JSON has no NaN; a missing value is None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def make_record(bench: str, config, rows: list[dict], goals: list[dict], *, units: dict[str, str],
+                columns: list[str], preset: str = "default", notes: list[str] = (),
+                libs: list[str] = (), extra: dict | None = None) -> dict:
+    """Assemble a record; every metric key in `columns` must have a unit (labels map to "")."""
+    missing = [c for c in columns if c not in units]
+    if missing:
+        raise ValueError(f"columns without a unit: {missing}")
+    rec = {
+        "bench": bench,
+        "preset": preset,
+        "config": _plain(config),
+        "units": dict(units),
+        "columns": list(columns),
+        "rows": _plain(rows),
+        "goals": _plain(goals),
+        "notes": list(notes),
+        "provenance": provenance(list(libs)),
+    }
+    if extra:
+        rec["extra"] = _plain(extra)
+    return rec
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(rec: dict, results_dir: Path = RESULTS_DIR) -> Path:
+    path = Path(results_dir) / f"{rec['bench']}.json"
+    write_atomic(path, json.dumps(rec, indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def load_records(results_dir: Path = RESULTS_DIR) -> dict[str, dict]:
+    out = {}
+    for p in sorted(Path(results_dir).glob("*.json")):
+        with open(p) as f:
+            rec = json.load(f)
+        out[rec["bench"]] = rec
+    return out

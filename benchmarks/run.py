@@ -1,0 +1,53 @@
+"""Run benches and rewrite the README tables: `python -m benchmarks.run all|train|infer|serve [--full]`.
+
+Each bench is `python -m projects.<name>.bench`, run in its own process (a clean peak-RSS counter, its own
+thread settings), writing benchmarks/results/<name>.json; then `benchmarks.report` rewrites README.md and
+docs/*.png from whatever records exist. A bench whose file does not exist yet is skipped with a message;
+an unknown name is an error (exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+from benchmarks import report
+from common.provenance import REPO_ROOT
+
+BENCHES = ("train", "infer", "serve")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="+", metavar="NAME", help=f"all, or any of: {', '.join(BENCHES)}")
+    p.add_argument("--full", action="store_true", help="run each bench's full matrix, not its default subset")
+    p.add_argument("--no-report", action="store_true", help="do not rewrite README/docs afterwards")
+    args = p.parse_args(argv)
+    names = list(BENCHES) if args.names == ["all"] else args.names
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"error: unknown bench {unknown[0]!r}; choose from: all, {', '.join(BENCHES)}", file=sys.stderr)
+        return 2
+    failed = []
+    for name in names:
+        if not (REPO_ROOT / "projects" / name / "bench.py").exists():
+            print(f"skip {name}: projects/{name}/bench.py is not built yet")
+            continue
+        cmd = [sys.executable, "-m", f"projects.{name}.bench"] + (["--full"] if args.full else [])
+        print(f"== bench {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd, cwd=REPO_ROOT)
+        print(f"== bench {name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
+        if rc != 0:
+            failed.append(name)
+    if not args.no_report:
+        report.main([])
+    if failed:
+        print(f"error: bench(es) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
