@@ -1,0 +1,1 @@
+"""The three projects: train, infer, serve."""
