@@ -8,8 +8,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Where ../shared lives (offline assets); the code reads MLSYS_ASSETS when set.
 export MLSYS_ASSETS ?= $(abspath ../shared/assets)
+# Offline mode (assets from ../shared and PyPI packages instead of the hub) is on when ../shared/assets is
+# there and off otherwise; say `MLSYS_OFFLINE=0 make bench` to use the hub and torchvision downloads.
+export MLSYS_OFFLINE ?= $(if $(wildcard $(MLSYS_ASSETS)/README.md),1,0)
+export HF_HUB_OFFLINE ?= $(MLSYS_OFFLINE)
+export WANDB_MODE ?= offline
+# The served FAISS index (`make index`); INDEX_LIMIT=N builds it over the first N passages only.
+INDEX_DIR ?= runs/serve/index
 
-.PHONY: help env system-deps test test-fast bench bench-train bench-infer bench-serve report clean-env
+.PHONY: help env system-deps test test-fast bench bench-train bench-infer bench-quant bench-serve report \
+	train-check index serve serve-stop clean-env
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[1m%-14s\033[0m %s\n",$$1,$$2}'
@@ -31,17 +39,35 @@ test: env ## run the whole test suite (CPU, offline, ~15 min on 2 cores)
 test-fast: env ## the suite without tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: env ## run every bench on its default config, rewrite README tables and docs/*.png
+bench: env $(INDEX_DIR)/manifest.json ## run every bench on its default config, rewrite README tables and docs/*.png
 	$(BIN)/python -m benchmarks.run all
 
 bench-train: env ## training bench only (then rewrites README)
 	$(BIN)/python -m benchmarks.run train
 
-bench-infer: env ## inference bench only (then rewrites README)
-	$(BIN)/python -m benchmarks.run infer
+bench-infer: env ## inference benches: float (ours vs HF) and quantization (then rewrites README)
+	$(BIN)/python -m benchmarks.run infer quant
 
-bench-serve: env ## serving bench only (then rewrites README)
+bench-quant: env ## quantization bench only (then rewrites README)
+	$(BIN)/python -m benchmarks.run quant
+
+bench-serve: env $(INDEX_DIR)/manifest.json ## serving bench only (then rewrites README)
 	$(BIN)/python -m benchmarks.run serve
+
+train-check: env ## real-learning check: ResNet-50 on Fashion-MNIST for a few CPU minutes (docs/train.md)
+	$(BIN)/python -m projects.train.learning_check
+
+index: env $(INDEX_DIR)/manifest.json ## build the served FAISS index over WordNet (once; progress bar)
+
+$(INDEX_DIR)/manifest.json:
+	$(BIN)/python -m projects.serve.index --out $(INDEX_DIR) $(if $(INDEX_LIMIT),--limit $(INDEX_LIMIT))
+
+serve: env $(INDEX_DIR)/manifest.json ## start REPLICAS (2) uvicorn replicas behind nginx; returns when ready
+	SERVE_INDEX_DIR=$(INDEX_DIR) $(BIN)/python -m projects.serve.cluster up --detach \
+		--replicas $(or $(REPLICAS),2) --threads $(or $(THREADS),1)
+
+serve-stop: ## stop exactly what `make serve` started (PID files in runs/serve/cluster)
+	$(BIN)/python -m projects.serve.cluster down
 
 report: env ## rewrite README tables and plots from benchmarks/results/*.json (no measuring)
 	$(BIN)/python -m benchmarks.report

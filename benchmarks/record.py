@@ -28,6 +28,14 @@ from pathlib import Path
 from common.provenance import REPO_ROOT, provenance
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+# bench name (= results/<name>.json) -> the module that measures it (and may define `plot(rec, docs_dir)`).
+# `quant` is project 2's second bench: the quantization table beside `infer`'s float one.
+BENCHES = {
+    "train": "projects.train.bench",
+    "infer": "projects.infer.bench",
+    "quant": "projects.infer.bench_quant",
+    "serve": "projects.serve.bench",
+}
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 
 

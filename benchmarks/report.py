@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks.record import RESULTS_DIR, load_records, write_atomic
+from benchmarks.record import BENCHES, RESULTS_DIR, load_records, write_atomic
 from common.provenance import REPO_ROOT
 
 DOCS = REPO_ROOT / "docs"
@@ -67,6 +67,10 @@ def provenance_line(rec: dict) -> str:
             f"Record: `benchmarks/results/{rec['bench']}.json`.</sub>")
 
 
+# records written by something other than `make bench-NAME`
+MAKE_TARGET = {"train_check": "make train-check"}
+
+
 def render_table(rec: dict) -> str:
     cols, units = rec["columns"], rec["units"]
     head = [c + (f" ({units[c]})" if units.get(c) else "") for c in cols]
@@ -99,7 +103,7 @@ def render_section(name: str, records: dict[str, dict]) -> str:
     bench, _, part = name.partition(":")
     rec = records.get(bench)
     if rec is None:
-        return f"_not run yet: `make bench-{bench}`_\n"
+        return f"_not run yet: `{MAKE_TARGET.get(bench, f'make bench-{bench}')}`_\n"
     if part == "notes":
         return render_notes(rec)
     if part:
@@ -118,9 +122,10 @@ def generated_files() -> list[Path]:
 def write_plots(records: dict[str, dict]) -> list[Path]:
     out = []
     for bench, rec in records.items():
-        if importlib.util.find_spec(f"projects.{bench}.bench") is None:
+        module = BENCHES.get(bench)
+        if module is None or importlib.util.find_spec(module) is None:
             continue
-        mod = importlib.import_module(f"projects.{bench}.bench")
+        mod = importlib.import_module(module)
         if hasattr(mod, "plot"):
             import matplotlib
             matplotlib.use("Agg")

@@ -1,6 +1,7 @@
-"""Run benches and rewrite the README tables: `python -m benchmarks.run all|train|infer|serve [--full]`.
+"""Run benches and rewrite the README tables: `python -m benchmarks.run all|train|infer|quant|serve [--full]`.
 
-Each bench is `python -m projects.<name>.bench`, run in its own process (a clean peak-RSS counter, its own
+Each bench is a module (`benchmarks.record.BENCHES`: `python -m projects.<project>.bench` and the
+quantization table `projects.infer.bench_quant`), run in its own process (a clean peak-RSS counter, its own
 thread settings), writing benchmarks/results/<name>.json; then `benchmarks.report` rewrites README.md and
 docs/*.png from whatever records exist. A bench whose file does not exist yet is skipped with a message;
 an unknown name is an error (exit 2).
@@ -13,9 +14,8 @@ import sys
 import time
 
 from benchmarks import report
+from benchmarks.record import BENCHES
 from common.provenance import REPO_ROOT
-
-BENCHES = ("train", "infer", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed = []
     for name in names:
-        if not (REPO_ROOT / "projects" / name / "bench.py").exists():
-            print(f"skip {name}: projects/{name}/bench.py is not built yet")
+        module = BENCHES[name]
+        if not (REPO_ROOT / (module.replace(".", "/") + ".py")).exists():
+            print(f"skip {name}: {module} is not built yet")
             continue
-        cmd = [sys.executable, "-m", f"projects.{name}.bench"] + (["--full"] if args.full else [])
+        cmd = [sys.executable, "-m", module] + (["--full"] if args.full else [])
         print(f"== bench {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.call(cmd, cwd=REPO_ROOT)

@@ -45,6 +45,17 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def bf16_native(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matmuls run in hardware: any CUDA GPU torch supports bf16 on, or a CPU with
+    avx512_bf16 / AMX. Elsewhere (e.g. AVX2-only CPUs) oneDNN emulates bf16, many times slower than fp32,
+    so the benches measure fp32 there and say so rather than publish an emulation number as "bf16"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from common.provenance import cpu_flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def synchronize(device: torch.device | str | None = None) -> None:
     """Wait for queued device work so a host-side timer measures it (no-op on CPU)."""
     dev = torch.device(device) if device is not None else None
