@@ -1,0 +1,139 @@
+"""Parallelism as functions applied to a plain model, called from train.py in this order:
+
+    channels_last -> SyncBatchNorm (CUDA, optional) -> compile (per block) -> DDP | FSDP2
+
+Compile goes before wrapping (as in torchtitan) so each compiled region is one bottleneck block and the
+DDP/FSDP hooks stay outside the graphs. Strategies:
+- ddp:   DistributedDataParallel; every rank holds params, grads and optimizer state; grads all-reduced
+         in buckets overlapped with backward.
+- zero1: DDP + ZeroRedundancyOptimizer: optimizer state sharded (each rank steps 1/N of the params, then
+         broadcasts them); grads still all-reduced in full.
+- zero2: FSDP2 fully_shard(reshard_after_forward=False): params, grads and optimizer state sharded; params
+         all-gathered once per step and kept unsharded from forward through backward (ZeRO-2-like traffic).
+- fsdp:  FSDP2 fully_shard(reshard_after_forward=True): ZeRO-3, params re-gathered for backward.
+
+The gloo AVG bug (pytorch issue 162338): FSDP2 reduce-scatters fp32/bf16 gradients with ReduceOp.AVG; on
+gloo that op has been silently applied as a SUM, so gradients came out world_size times too large with no
+error. `apply_fsdp` therefore forces SUM reductions on gloo (`set_force_sum_reduction_for_comms(True)`),
+which makes FSDP2 divide by the world size itself after the reduce-scatter; correct whether or not the
+installed torch has the bug. `gloo_avg_is_sum()` probes the backend directly, and the equivalence test
+checks the FSDP2 gradients against a single-process reference.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from projects.train.model import blocks
+
+STRATEGIES = ("ddp", "zero1", "zero2", "fsdp")
+
+
+def apply_channels_last(model: nn.Module) -> nn.Module:
+    """NHWC weights: the layout oneDNN and cuDNN convolutions run fastest in (inputs must match).
+    Not for FSDP2: fully_shard refuses NHWC-strided parameters; there channels_last inputs alone select the
+    NHWC kernels."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def apply_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm statistics over the global batch. CUDA only: SyncBatchNorm has no CPU kernel."""
+    if device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA (SyncBatchNorm does not run on CPU)")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """torch.compile each bottleneck block in place (the stem and head are tiny and stay eager)."""
+    for b in blocks(model):
+        b.compile()
+    return model
+
+
+def apply_ddp(model: nn.Module, device: torch.device, bucket_cap_mb: float = 25, **ddp_kwargs) -> DDP:
+    # gradient_as_bucket_view: grads live inside the all-reduce buckets, saving one copy of the grads.
+    ddp_kwargs.setdefault("gradient_as_bucket_view", True)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               bucket_cap_mb=bucket_cap_mb, **ddp_kwargs)
+
+
+def apply_zero1(params, **sgd_kwargs) -> ZeroRedundancyOptimizer:
+    """SGD whose state (momentum) is split across ranks; use it with a DDP model."""
+    return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.SGD, **sgd_kwargs)
+
+
+def apply_fsdp(model: nn.Module, reshard_after_forward: bool, device: torch.device) -> nn.Module:
+    """FSDP2: one fully_shard unit per bottleneck block (all-gather/reduce-scatter granularity), then the root
+    (stem conv/bn + fc). reshard_after_forward=False is zero2, True is fsdp (ZeRO-3)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for b in blocks(model):
+        fully_shard(b, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if dist.get_backend() == "gloo":
+        # pytorch issue 162338: gloo's ReduceOp.AVG in reduce-scatter has silently summed. Force SUM and let
+        # FSDP2 divide by world size after the collective (same numbers as AVG, on every torch version).
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def gloo_avg_is_sum(group=None) -> bool:
+    """True when this process group's reduce-scatter with ReduceOp.AVG returns the SUM (issue 162338)."""
+    w = dist.get_world_size(group)
+    out = torch.zeros(1)
+    try:
+        dist.reduce_scatter_tensor(out, torch.ones(w), op=dist.ReduceOp.AVG, group=group)
+    except (RuntimeError, ValueError):  # a backend that refuses AVG is not silently wrong
+        return False
+    return w > 1 and out.item() == w
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (FSDP2 modules are the model itself)."""
+    return model.module if isinstance(model, DDP) else model
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool):
+    """Gradient communication on (last micro-step) or off (earlier micro-steps of an accumulation).
+
+    Skipping it for all but the last micro-step saves K-1 all-reduces / reduce-scatters per step; the
+    gradients accumulate locally and the final reduction carries their sum.
+    """
+    if isinstance(model, DDP) and not enabled:
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)  # recursive over the block units
+        yield
+    else:
+        yield
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Average the BatchNorm running statistics over ranks (timm's distribute_bn).
+
+    Each rank updates them from its own batches; under FSDP2 they are replicated, unsharded tensors that
+    drift apart, and DDP only broadcasts rank 0's at the next forward. Averaging before eval and checkpoint
+    makes evaluation the same on every rank and the saved buffers a function of all ranks' data.
+    """
+    w = dist.get_world_size()
+    if w == 1:
+        return
+    bufs = [b for b in unwrap(model).buffers() if b.is_floating_point()]
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= w
+    off = 0
+    for b in bufs:
+        b.copy_(flat[off:off + b.numel()].view_as(b))
+        off += b.numel()
