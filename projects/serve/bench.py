@@ -1,0 +1,554 @@
+"""The serving bench: the real service behind nginx on loopback, measured side by side in one run.
+
+    python -m projects.serve.bench                # default preset (~8 min on 2 cores); make bench-serve
+    python -m projects.serve.bench --full         # longer levels, fp32 serving too
+    python -m projects.serve.bench --index-dir runs/serve/index-smoke --level-s 2   # a quick smoke run
+
+Needs the index (`make index` = python -m projects.serve.index, ~165k WordNet passages) and nginx.
+What it measures, in this order:
+  1. the offline ceiling: the same model encoding the same texts in batches of 128 in this process, no
+     HTTP, fp32 and bf16 (and bf16's cosine to fp32);
+  2. ANN: HNSW recall@10 and single-thread speed-up against exact IndexFlatIP on the served index;
+  3. generation per-token latency along the sequence with the static KV cache vs recomputing the prefix;
+  4. through nginx (cluster.py, the deployment `make serve` runs), embeddings only, open-loop Poisson load
+     (loadtest.py): batch-1 serving vs dynamic batching on 1 replica x 2 threads -- capacity, then a sweep
+     of offered load to 2x capacity (latency vs throughput, overload refusals, goodput, replica memory);
+     cache off vs on under a Zipf stream; 2 replicas x 1 thread (pinned) and a SIGKILLed replica under
+     steady embeddings + search load.
+The load generator runs on the same 2 cores as the service: its CPU is taken from the replicas, so the
+served numbers are a lower bound of what a separate client machine would see.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from projects.serve import loadtest
+from projects.serve.cluster import REPO_ROOT, parse_config, port_free
+
+SLO_NOTE = "p99 of successful requests"
+
+
+@dataclass
+class BenchConfig:
+    index_dir: str = "runs/serve/index"
+    """the served index (python -m projects.serve.index); ANN goals need >= 100k passages"""
+    embed_dtype: str = "auto"
+    """served embedding dtype: fp32, bf16, or auto = bf16 where it is fast (CUDA, or a CPU with AMX /
+    avx512_bf16), else fp32; the ceiling is measured in both where bf16 is fast"""
+    slo_ms: float = 500.0
+    """latency SLO for embeddings (p99), for goodput and 'throughput at SLO'"""
+    level_s: float = 4.0
+    """seconds of open-loop arrivals per load level"""
+    capacity_s: float = 5.0
+    """seconds of closed-loop saturation to measure capacity"""
+    levels: str = "0.1,0.25,0.5,0.75,1.0,1.5,2.0"
+    """offered load as fractions of measured capacity"""
+    max_batch_size: int = 32
+    """dynamic batching: most texts per batch (a full batch must fit the SLO with one queued behind it)"""
+    max_queue: int = 64
+    """queued texts per replica before refusing: bounds the wait to ~max_queue / capacity, so accepted
+    requests keep their SLO under overload and the excess is refused at once"""
+    zipf: float = 1.1
+    """Zipf exponent of the cache experiment's query stream"""
+    pool: int = 10000
+    """distinct texts the load draws from"""
+    ceiling_texts: int = 1024
+    """texts encoded for the offline ceiling"""
+    gen_model: str = "smollm2-135m"
+    """generator for the KV cache experiment (falls back to stories260k if it cannot be loaded; empty =
+    skip). stories260k is too small to show attention cost: Python overhead dominates every step"""
+    kv_tokens: int = 192
+    """sequence length of the KV cache experiment"""
+    ann_queries: int = 1000
+    """WordNet lemma queries for recall@10 (0 = skip the ANN goals)"""
+    port: int = 18400
+    """nginx port of the bench's clusters (replicas use port+11...)"""
+    full: bool = False
+    """the full preset: 10 s levels, fp32 serving beside bf16"""
+
+
+
+def full_preset(cfg: BenchConfig) -> BenchConfig:
+    return dataclasses.replace(cfg, level_s=max(cfg.level_s, 10.0), capacity_s=max(cfg.capacity_s, 10.0))
+
+
+# --------------------------------------------------------------------------------------------------------
+# in-process measurements
+def offline_ceiling(texts: list[str], dtypes=("fp32", "bf16"), batch: int = 128, repeats: int = 3) -> dict:
+    """sentences/s encoding `texts` in batches in one process (no HTTP), per dtype; bf16 cosine to fp32."""
+    import torch
+    from projects.serve.model import Embedder
+    torch.set_num_threads(os.cpu_count() or 1)
+    out, vecs = {}, {}
+    # length-sorted batches, as an offline encoder would do (projects.serve.index.encode_corpus): random
+    # batches pad every text to the batch's longest and would understate the ceiling
+    texts = sorted(texts, key=len)
+    for dt in dtypes:
+        emb = Embedder(dtype=dt)
+        emb.encode(texts[:batch])                                   # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            v = np.concatenate([emb.encode(texts[i:i + batch]) for i in range(0, len(texts), batch)])
+            times.append(time.perf_counter() - t0)
+        vecs[dt] = v
+        out[dt] = {"texts_per_s": len(texts) / float(np.median(times)), "version": emb.version}
+        del emb
+        gc.collect()
+    if "fp32" in vecs and "bf16" in vecs:
+        cos = (vecs["fp32"] * vecs["bf16"]).sum(1)
+        out["bf16_cosine_min"], out["bf16_cosine_mean"] = float(cos.min()), float(cos.mean())
+    return out
+
+
+def kv_cache_latency(name: str, n_tokens: int, n_points: int = 6, reps: int = 3) -> dict:
+    """Per-token decode latency (ms) at positions along the sequence: with the static KV cache (one token
+    through the model per step) vs without (the whole prefix recomputed every step)."""
+    import torch
+    from projects.infer.model import load
+    model, _ = load(name, "cpu", torch.float32)
+    model.eval()
+    n_tokens = min(n_tokens, model.args.max_seq_len)
+    ids = torch.randint(0, model.args.vocab_size, (1, n_tokens))
+    every = max(1, n_tokens // n_points)
+    positions = list(range(every, n_tokens, every))
+    res = {"positions": positions, "kv_ms": [], "no_kv_ms": []}
+
+    def timed(fn):
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1000 * float(np.median(ts))
+
+    with torch.inference_mode():
+        model.setup_caches(1, n_tokens)
+        model(ids[:, :every], torch.arange(every))                  # prefill
+        for p in positions:
+            model(ids[:, :p], torch.arange(p))                       # the cache holds 0..p-1
+            res["kv_ms"].append(timed(lambda: model(ids[:, p:p + 1], torch.tensor([p]))))
+        model.remove_caches()
+        for p in positions:
+            res["no_kv_ms"].append(timed(lambda: model(ids[:, :p + 1])))
+    res["model"] = name
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------
+# clusters
+class Served:
+    """`python -m projects.serve.cluster up --detach` with these settings; `stop()` brings it down."""
+
+    def __init__(self, name: str, cfg: BenchConfig, *, replicas: int, threads: int, env: dict, pin=False):
+        self.run_dir = REPO_ROOT / "runs" / "serve" / "bench" / name
+        self.url = f"http://127.0.0.1:{cfg.port}"
+        self.args = ["--run-dir", str(self.run_dir), "--port", str(cfg.port), "--replica-port",
+                     str(cfg.port + 11), "--replicas", str(replicas), "--threads", str(threads),
+                     "--graceful-s", "10", "--ready-timeout-s", "300"] + (["--pin"] if pin else [])
+        self.env = {**os.environ, **env}
+        self.name = name
+
+    def __enter__(self):
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "up", "--detach", *self.args],
+                           cwd=REPO_ROOT, env=self.env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"cluster {self.name} did not start: {r.stderr.strip()}")
+        print(f"[{self.name}] ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *self.args], cwd=REPO_ROOT,
+                       env=self.env, capture_output=True)
+
+    def state(self) -> dict:
+        return json.loads((self.run_dir / "cluster.json").read_text())
+
+    def replica_rss_mb(self) -> float:
+        total = 0
+        for r in self.state()["replicas"]:
+            try:
+                for line in Path(f"/proc/{r['pid']}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+            except OSError:
+                pass
+        return total
+
+    def scrape(self) -> list:
+        import httpx
+        samples = []
+        from projects.serve.autoscale import parse_metrics
+        for r in self.state()["replicas"]:
+            samples += parse_metrics(httpx.get(f"http://127.0.0.1:{r['port']}/metrics", timeout=2).text)
+        return samples
+
+
+def serving_env(cfg: BenchConfig, **kw) -> dict:
+    env = {"SERVE_INDEX_DIR": cfg.index_dir, "SERVE_EMBED_DTYPE": cfg.embed_dtype, "SERVE_GEN_MODEL": "",
+           "SERVE_MAX_QUEUE": str(cfg.max_queue), "SERVE_MAX_TEXTS": str(min(cfg.max_queue, 256)),
+           "SERVE_OVERLOAD_STATUS": "429", "SERVE_CACHE_ENTRIES": "0"}
+    env.update({k: str(v) for k, v in kw.items()})
+    return env
+
+
+def at_slo(levels: list[dict], slo_ms: float) -> float:
+    """Highest achieved throughput among levels whose p99 meets the SLO with nothing refused or failed."""
+    ok = [s["achieved_rps"] for s in levels if s["p99_ms"] is not None and s["p99_ms"] <= slo_ms
+          and s["failed"] == 0]
+    return max(ok) if ok else 0.0
+
+
+async def _capacity_and_sweep(url: str, wl, cfg: BenchConfig, levels: list[float], seed: int):
+    async with loadtest.make_client(url) as c:
+        cap = await loadtest.measure_capacity(c, wl, cfg.capacity_s, concurrency=min(64, cfg.max_queue),
+                                              seed=seed)
+        rows = await loadtest.sweep(c, wl, cap, levels, cfg.level_s, slo_ms=cfg.slo_ms, timeout_s=30, seed=seed)
+    return cap, rows
+
+
+def sweep_experiment(served: Served, wl, cfg: BenchConfig, levels: list[float], seed: int) -> dict:
+    rss0 = served.replica_rss_mb()
+    cap, rows = asyncio.run(_capacity_and_sweep(served.url, wl, cfg, levels, seed))
+    st = served.state()
+    return {"capacity_rps": cap, "levels": rows, "slo_rps": at_slo(rows, cfg.slo_ms),
+            "rss_mb_before": rss0, "rss_mb_after": served.replica_rss_mb(),
+            "restarts": sum(r["restarts"] for r in st["replicas"])}
+
+
+def cache_experiment(served: Served, cfg: BenchConfig, texts: list[str], seed: int,
+                     rate: float | None = None) -> dict:
+    """Zipf stream, open loop at `rate` req/s, then closed-loop capacity. Without `rate` (cache off) the
+    capacity is measured first and the level runs at half of it; with the cache on, pass the cache-off
+    rate: the level then starts from a cold cache, so the first send of a text is a miss and every later
+    one a hit (the LRU holds the whole pool), and the hit rate is the counters' change over the level only.
+    Capacity is measured after the level, on the warm cache."""
+    wl = loadtest.Workload(texts, {"embeddings": 1.0}, zipf=cfg.zipf)
+
+    def counts() -> tuple[float, float]:
+        m = served.scrape()
+        return (sum(v for n, _, v in m if n == "serve_cache_hits_total"),
+                sum(v for n, _, v in m if n == "serve_cache_misses_total"))
+
+    async def go():
+        async with loadtest.make_client(served.url) as c:
+            cap = None
+            if rate is None:
+                cap = await loadtest.measure_capacity(c, wl, cfg.capacity_s, min(64, cfg.max_queue), seed=seed)
+            c0 = counts()
+            s, res = await loadtest.run_level(c, wl, rate or 0.5 * cap, cfg.level_s, slo_ms=cfg.slo_ms,
+                                              seed=seed + 1)
+            c1 = counts()
+            if cap is None:
+                cap = await loadtest.measure_capacity(c, wl, cfg.capacity_s, min(64, cfg.max_queue), seed=seed)
+            return cap, s, res, c0, c1
+    cap, s, res, c0, c1 = asyncio.run(go())
+    hits, misses = c1[0] - c0[0], c1[1] - c0[1]
+    hit_lat, miss_lat, seen = [], [], set()
+    if rate is not None:
+        for r in sorted(res, key=lambda r: r.scheduled):
+            if r.status == "200":
+                (hit_lat if r.key in seen else miss_lat).append(r.latency * 1000)
+            seen.add(r.key)
+    return {"capacity_rps": cap, "level": s, "rate": rate or 0.5 * cap,
+            "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "p50_hit_ms": float(np.median(hit_lat)) if hit_lat else None,
+            "p50_miss_ms": float(np.median(miss_lat)) if miss_lat else None}
+
+
+def kill_experiment(served: Served, cfg: BenchConfig, texts: list[str], rate: float, seed: int) -> dict:
+    """Steady embeddings + search at `rate`; SIGKILL one replica a third of the way in; count failures;
+    then time until the supervisor has it back and ready."""
+    wl = loadtest.Workload(texts, {"embeddings": 0.7, "search": 0.3})
+    victim = served.state()["replicas"][0]
+    killed = []
+    duration = max(6.0, 2 * cfg.level_s)
+
+    def on_tick(t):
+        if t >= duration / 3 and not killed:
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    async def go():
+        async with loadtest.make_client(served.url) as c:
+            return await loadtest.run_level(c, wl, rate, duration, slo_ms=cfg.slo_ms, seed=seed, on_tick=on_tick)
+    s, _ = asyncio.run(go())
+    back = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(r["port"] == victim["port"] and r["pid"] != victim["pid"] and r["state"] == "ready"
+               for r in served.state()["replicas"]):
+            back = time.monotonic() - killed[0]
+            break
+        time.sleep(0.2)
+    return {"level": s, "failed": s["failed"], "sent": s["sent"], "recovered_s": back}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the record
+# throughput: requests/s for served rows, texts/s (ceiling), queries/s (ANN), tokens/s (generation)
+UNITS = {"experiment": "", "config": "", "throughput": "/s", "at_slo": "req/s", "p50_ms": "ms",
+         "p99_ms": "ms", "errors": "", "detail": ""}
+COLUMNS = list(UNITS)
+
+
+def _row(experiment, config, throughput=None, at_slo=None, p50=None, p99=None, errors=None, detail=""):
+    return {"experiment": experiment, "config": config, "throughput": throughput, "at_slo": at_slo,
+            "p50_ms": p50, "p99_ms": p99, "errors": errors, "detail": detail}
+
+
+def _level(levels: list[dict], frac: float) -> dict | None:
+    return min(levels, key=lambda s: abs(s["load_fraction"] - frac)) if levels else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(BenchConfig, argv, __doc__)
+    if cfg.full:
+        cfg = full_preset(cfg)
+    if cfg.embed_dtype not in ("auto", "fp32", "bf16"):
+        print(f"error: --embed-dtype must be auto, fp32 or bf16, got {cfg.embed_dtype!r}", file=sys.stderr)
+        return 2
+    from common.device import bf16_native, get_device
+    bf16_ok = bf16_native(get_device("auto"))
+    if cfg.embed_dtype == "auto":
+        cfg = dataclasses.replace(cfg, embed_dtype="bf16" if bf16_ok else "fp32")
+    try:
+        import uvloop   # a faster client loop: the load generator shares the CPU with the service
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    from benchmarks.record import goal, make_record, write_record
+    from projects.serve.index import IndexMismatch, ann_benchmark, load_index, read_manifest, wordnet_queries
+    import shutil
+    try:
+        manifest = read_manifest(Path(cfg.index_dir))
+        if not shutil.which("nginx"):
+            raise ValueError("nginx not found (scripts/system_deps.sh installs it)")
+        if not port_free("127.0.0.1", cfg.port):
+            raise ValueError(f"port {cfg.port} is in use (--port)")
+        texts = loadtest.load_texts("wordnet", cfg.pool, seed=0)
+    except (IndexMismatch, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    levels = [float(x) for x in cfg.levels.split(",")]
+    rows, goals, notes, extra = [], [], [], {"config": dataclasses.asdict(cfg)}
+    t_start = time.perf_counter()
+    log = lambda m: print(f"[{time.perf_counter() - t_start:5.0f}s] {m}", file=sys.stderr, flush=True)  # noqa
+
+    # 1. offline ceiling ------------------------------------------------------------------------------
+    log("offline ceiling")
+    dtypes = ("fp32", "bf16") if bf16_ok or cfg.embed_dtype == "bf16" else ("fp32",)
+    if "bf16" not in dtypes:
+        notes.append("bf16 not measured: this CPU has neither AMX nor AVX512-BF16, where torch emulates bf16 "
+                     "matmuls (~10x slower than fp32); served in fp32.")
+    ceil = offline_ceiling(texts[:cfg.ceiling_texts], dtypes)
+    extra["ceiling"] = ceil
+    for dt in dtypes:
+        rows.append(_row("offline ceiling", f"{dt}, batch 128, in process", ceil[dt]["texts_per_s"],
+                         detail="texts/s, no HTTP" + (f"; cosine to fp32 min {ceil['bf16_cosine_min']:.4f}"
+                                                       if dt == "bf16" else "")))
+
+    # 2. ANN ------------------------------------------------------------------------------------------
+    if cfg.ann_queries:
+        log("ANN recall and speed")
+        from projects.serve.model import Embedder
+        emb = Embedder(dtype=cfg.embed_dtype)   # query vectors as the server makes them
+        idx = load_index(Path(cfg.index_dir), emb)
+        ann = ann_benchmark(idx, emb.encode(wordnet_queries(cfg.ann_queries)))
+        extra["ann"] = ann
+        for r in ann["ann"]:
+            rows.append(_row("ANN search", f"HNSW efSearch {r['ef_search']}, {ann['n_vectors']} vectors",
+                             r["qps_single"], detail=f"recall@10 {r['recall_at_10']:.3f}, x{r['speedup_single']:.1f} "
+                             f"vs exact ({ann['exact']['qps_single']:.0f} q/s), 1 thread"))
+        small = ann["n_vectors"] < 100_000
+        note = f"on {ann['n_vectors']} vectors" + (" (< 100k: build the full index with `make index`)" if small else "")
+        goals.append(goal("ann_recall_at_10", "recall@10 of HNSW vs exact at the chosen efSearch",
+                          None if small else ann["ann_recall_at_10"], 0.95, ">=", note))
+        goals.append(goal("ann_speedup_vs_exact", "single-thread queries/s, HNSW over IndexFlatIP",
+                          None if small else ann["ann_speedup_vs_exact"], 10, ">=", note))
+        del emb, idx
+        gc.collect()
+
+    # 3. KV cache -------------------------------------------------------------------------------------
+    if cfg.gen_model:
+        log("generation: KV cache vs recompute")
+        try:
+            try:
+                kv = kv_cache_latency(cfg.gen_model, cfg.kv_tokens)
+            except (ValueError, OSError) as e:
+                notes.append(f"KV cache experiment on stories260k: {cfg.gen_model} did not load ({e})")
+                kv = kv_cache_latency("stories260k", cfg.kv_tokens)
+                cfg = dataclasses.replace(cfg, gen_model="stories260k")
+            extra["kv_cache"] = kv
+            for key, label in (("kv_ms", "static KV cache"), ("no_kv_ms", "no cache (prefix recomputed)")):
+                rows.append(_row("generation", f"{cfg.gen_model}, {label}", 1000 / kv[key][-1],
+                                 detail=f"tokens/s at position {kv['positions'][-1]}; ms/token "
+                                        f"{kv[key][0]:.2f} at {kv['positions'][0]} -> {kv[key][-1]:.2f} at "
+                                        f"{kv['positions'][-1]}"))
+        except (ValueError, OSError) as e:
+            notes.append(f"KV cache experiment skipped: {e}")
+
+    # 4. served ---------------------------------------------------------------------------------------
+    wl = loadtest.Workload(texts, {"embeddings": 1.0})
+    served: dict[str, dict] = {}
+    try:
+        log("served: batch-1, 1 replica x 2 threads")
+        with Served("batch1", cfg, replicas=1, threads=2, env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=1)) as s:
+            served["batch1"] = sweep_experiment(s, wl, cfg, [x for x in levels if x <= 1.0], seed=1)
+        log("served: dynamic batching, 1 replica x 2 threads")
+        with Served("dynamic", cfg, replicas=1, threads=2,
+                    env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=cfg.max_batch_size)) as s:
+            served["dynamic"] = sweep_experiment(s, wl, cfg, levels, seed=2)
+            served["cache_off"] = cache_experiment(s, cfg, texts, seed=3)
+        log("served: dynamic batching + cache, Zipf stream")
+        with Served("cache", cfg, replicas=1, threads=2,
+                    env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=cfg.max_batch_size, SERVE_CACHE_ENTRIES=100000)) as s:
+            served["cache_on"] = cache_experiment(s, cfg, texts, seed=3, rate=served["cache_off"]["rate"])
+        log("served: 2 replicas x 1 thread (pinned), then SIGKILL one under load")
+        with Served("replicas2", cfg, replicas=2, threads=1, pin=True,
+                    env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=cfg.max_batch_size)) as s:
+            served["replicas2"] = sweep_experiment(s, wl, cfg, [0.5, 1.0], seed=4)
+            served["kill"] = kill_experiment(s, cfg, texts, 0.5 * served["replicas2"]["capacity_rps"], seed=5)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    extra["served"] = served
+
+    for key, label in (("batch1", "batch-1, 1 replica x 2 threads"),
+                       ("dynamic", f"dynamic batching (<= {cfg.max_batch_size}), 1 replica x 2 threads"),
+                       ("replicas2", "dynamic batching, 2 replicas x 1 thread")):
+        e = served[key]
+        half = _level(e["levels"], 0.5)
+        rows.append(_row("embeddings via nginx", f"{label}, {cfg.embed_dtype}", e["capacity_rps"], e["slo_rps"],
+                         half["p50_ms"], half["p99_ms"], half["failed"],
+                         detail=f"capacity (closed loop) / best rate with p99 <= {cfg.slo_ms:g} ms; "
+                                f"latency at {half['load_fraction']:g}x capacity"))
+    dyn = served["dynamic"]
+    for frac in (1.5, 2.0):
+        lv = _level(dyn["levels"], frac)
+        if lv is not None and abs(lv["load_fraction"] - frac) < 1e-9:
+            rows.append(_row("overload", f"{frac:g}x capacity, dynamic batching", lv["achieved_rps"],
+                             lv["goodput_rps"], lv["p50_ms"], lv["p99_ms"], lv["failed"],
+                             detail=f"refused {lv['refused']} of {lv['sent']}, refusal p99 "
+                                    f"{lv['reject_p99_ms'] or 0:.1f} ms; at_slo col = goodput"))
+    for key, label in (("cache_off", "cache off"), ("cache_on", "LRU cache on")):
+        e = served[key]
+        rows.append(_row("Zipf stream", f"{label}, s={cfg.zipf:g} over {cfg.pool} texts", e["capacity_rps"], None,
+                         e["level"]["p50_ms"], e["level"]["p99_ms"], e["level"]["failed"],
+                         detail=f"hit rate {e['hit_rate']:.2f}" + (
+                             f"; p50 hits {e['p50_hit_ms']:.1f} ms, misses {e['p50_miss_ms']:.1f} ms"
+                             if e["p50_hit_ms"] is not None and e["p50_miss_ms"] is not None else "") +
+                         f" (open loop at {e['rate']:.0f} req/s = 0.5x cache-off capacity, cold cache)"))
+    k = served["kill"]
+    rows.append(_row("replica SIGKILL", "2 replicas, embeddings + search at 0.5x capacity", k["level"]["achieved_rps"],
+                     None, k["level"]["p50_ms"], k["level"]["p99_ms"], k["failed"],
+                     detail=f"{k['failed']} failed of {k['sent']}; replica back in "
+                            f"{k['recovered_s'] or float('nan'):.1f} s"))
+
+    # goals ------------------------------------------------------------------------------------------
+    ceiling = ceil[cfg.embed_dtype]["texts_per_s"]
+    goals.append(goal("served_fraction_of_ceiling", f"embeddings/s through nginx (dynamic batching, 1 text per "
+                      f"request, {cfg.embed_dtype}) over the offline ceiling", dyn["capacity_rps"] / ceiling, 0.7,
+                      ">=", f"{dyn['capacity_rps']:.0f} / {ceiling:.0f} texts/s"))
+    b1 = served["batch1"]["slo_rps"]
+    goals.append(goal("batching_speedup_at_slo", f"throughput with p99 <= {cfg.slo_ms:g} ms, dynamic over batch-1",
+                      dyn["slo_rps"] / b1 if b1 else None, 3, ">=",
+                      f"{dyn['slo_rps']:.0f} vs {b1:.0f} req/s"))
+    half = _level(dyn["levels"], 0.5)
+    goals.append(goal("p99_over_p50_at_half_load", "p99 / p50 latency at 0.5x capacity, dynamic batching",
+                      half["p99_ms"] / half["p50_ms"] if half["p50_ms"] else None, 2, "<="))
+    over = [lv for lv in dyn["levels"] if lv["load_fraction"] >= 1.5]
+    rej = [lv["reject_p99_ms"] for lv in over if lv["reject_p99_ms"] is not None]
+    goals.append(goal("reject_p99_ms", "p99 time to a 429 refusal at 1.5x and 2x capacity", max(rej) if rej else None,
+                      50, "<=", "" if rej else "nothing was refused"))
+    peak = max(lv["goodput_rps"] for lv in dyn["levels"])
+    goals.append(goal("goodput_fraction_at_overload", "goodput at 1.5x and 2x capacity over the peak goodput",
+                      min(lv["goodput_rps"] for lv in over) / peak if over and peak else None, 0.95, ">=",
+                      f"accepted p99 {max((lv['p99_ms'] or 0) for lv in over):.0f} ms; replica RSS "
+                      f"{dyn['rss_mb_before']:.0f} -> {dyn['rss_mb_after']:.0f} MB; restarts {dyn['restarts']}"
+                      if over else ""))
+    goals.append(goal("failed_requests_on_replica_kill", "client-visible failures, SIGKILL of 1 of 2 replicas under "
+                      "steady embeddings + search load", k["failed"], 0, "==", f"of {k['sent']} requests"))
+    notes += [
+        f"Load generator (open loop, Poisson arrivals, latency from the scheduled send time) on the same "
+        f"{os.cpu_count()} cores as the service; 1 text per embeddings request, WordNet passages.",
+        f"Queues bounded at {cfg.max_queue} texts per replica; overload is refused with 429 + Retry-After.",
+        "Continuous vs request-level batching for generation is not compared here (the service has the "
+        "continuous one only).",
+    ]
+    if "bf16_cosine_min" in ceil:
+        notes.append(f"bf16 embeddings vs fp32 cosine: min {ceil['bf16_cosine_min']:.4f}, "
+                     f"mean {ceil['bf16_cosine_mean']:.5f}.")
+    rec = make_record("serve", cfg, rows, goals, units=UNITS, columns=COLUMNS, preset="full" if cfg.full else "default",
+                      notes=notes, libs=["torch", "transformers", "faiss", "fastapi", "uvicorn", "httpx"], extra=extra)
+    rec["provenance"]["nginx"] = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    path = write_record(rec)
+    log(f"wrote {path}")
+    for g in goals:
+        print(f"  {g['name']}: {g['measured']} {g['op']} {g['target']} -> {'met' if g['met'] else 'NOT met'}",
+              file=sys.stderr)
+    return 0
+
+
+def plot(record: dict, docs_dir: Path) -> list[Path]:
+    """docs/serve_latency_throughput.png (p50/p99 vs achieved throughput per config) and
+    docs/serve_kv_cache.png (ms/token along the sequence, with and without the KV cache)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = []
+    served = (record.get("extra") or {}).get("served") or {}
+    slo = record["config"]["slo_ms"]
+    if served:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for key, label, color in (("batch1", "batch-1", "tab:red"), ("dynamic", "dynamic batching", "tab:blue"),
+                                  ("replicas2", "2 replicas x 1 thread", "tab:green")):
+            lv = [x for x in served.get(key, {}).get("levels", []) if x["p50_ms"] is not None]
+            if not lv:
+                continue
+            x = [v["achieved_rps"] for v in lv]
+            ax.plot(x, [v["p99_ms"] for v in lv], "o-", color=color, label=f"{label} p99")
+            ax.plot(x, [v["p50_ms"] for v in lv], "o--", color=color, alpha=0.6, label=f"{label} p50")
+        ax.axhline(slo, color="gray", lw=0.8, ls=":", label=f"SLO {slo:g} ms")
+        ax.set_yscale("log")
+        ax.set_xlabel("achieved throughput (embedding requests/s)")
+        ax.set_ylabel("latency (ms, from scheduled send)")
+        ax.set_title("Embeddings through nginx: latency vs throughput (open loop)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = Path(docs_dir) / "serve_latency_throughput.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        out.append(p)
+    kv = (record.get("extra") or {}).get("kv_cache")
+    if kv:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(kv["positions"], kv["kv_ms"], "o-", label="static KV cache")
+        ax.plot(kv["positions"], kv["no_kv_ms"], "o-", label="no cache (prefix recomputed)")
+        ax.set_xlabel("position in the sequence (tokens)")
+        ax.set_ylabel("ms per token")
+        ax.set_title(f"Generation ({kv['model']}): per-token latency")
+        ax.legend()
+        fig.tight_layout()
+        p = Path(docs_dir) / "serve_kv_cache.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        out.append(p)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

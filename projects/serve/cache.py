@@ -1,0 +1,121 @@
+"""Embedding cache: an in-process LRU bounded in entries and bytes, optionally in front of a shared Redis.
+
+Keys are (model version, exact text): a different model or revision never reads another's vectors, and no
+normalisation of the text is done, so a hit returns bit-for-bit what the model gave for that text. Redis
+(set REDIS_URL) lets replicas share their work: a miss in the local LRU asks Redis, a Redis hit fills the
+LRU, a computed vector goes into both. Redis bounds its own memory (`--maxmemory ... --maxmemory-policy
+allkeys-lru`, as `make serve` starts it) and entries also expire after `ttl_s`. A Redis that is down or slow
+costs a miss, never a failed request.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+
+import numpy as np
+from redis.exceptions import RedisError
+
+log = logging.getLogger("serve.cache")
+_ENTRY_OVERHEAD = 200  # bytes of Python objects around each entry (key tuple, array header, dict slot)
+
+
+class LRUCache:
+    """OrderedDict LRU of float32 vectors; evicts the least recently used past max_entries or max_bytes."""
+
+    def __init__(self, max_entries: int, max_bytes: int):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._d: collections.OrderedDict[tuple[str, str], np.ndarray] = collections.OrderedDict()
+        self.nbytes = 0
+
+    @staticmethod
+    def _size(key: tuple[str, str], vec: np.ndarray) -> int:
+        return vec.nbytes + len(key[1].encode("utf-8", "surrogatepass")) + _ENTRY_OVERHEAD
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, key: tuple[str, str]) -> np.ndarray | None:
+        vec = self._d.get(key)
+        if vec is not None:
+            self._d.move_to_end(key)
+        return vec
+
+    def put(self, key: tuple[str, str], vec: np.ndarray) -> None:
+        size = self._size(key, vec)
+        if self.max_entries <= 0 or size > self.max_bytes:
+            return
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.nbytes -= self._size(key, old)
+        vec = np.array(vec, dtype=np.float32, copy=True)
+        vec.setflags(write=False)  # shared by every caller that hits it
+        self._d[key] = vec
+        self.nbytes += size
+        while len(self._d) > self.max_entries or self.nbytes > self.max_bytes:
+            k, v = self._d.popitem(last=False)
+            self.nbytes -= self._size(k, v)
+
+
+class EmbeddingCache:
+    """LRU in front of an optional Redis. `get_many` returns the vectors found (None for misses)."""
+
+    def __init__(self, model_version: str, *, max_entries: int = 100_000, max_bytes: int = 256 << 20,
+                 redis_url: str | None = None, ttl_s: int = 7 * 24 * 3600, redis_timeout_s: float = 0.25):
+        self.model_version = model_version
+        self.lru = LRUCache(max_entries, max_bytes)
+        self.ttl_s = ttl_s
+        self.redis = None
+        if redis_url:
+            import redis.asyncio as aioredis
+            self.redis = aioredis.from_url(redis_url, socket_timeout=redis_timeout_s,
+                                           socket_connect_timeout=redis_timeout_s)
+        self.hits = {"lru": 0, "redis": 0}
+        self.misses = 0
+        self.redis_errors = 0
+
+    def redis_key(self, text: str) -> str:
+        h = hashlib.sha256(f"{self.model_version}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
+        return f"serve:emb:{h}"
+
+    async def get_many(self, texts: list[str]) -> tuple[list[np.ndarray | None], dict[str, int]]:
+        """(vectors with None for misses, {"lru": hits, "redis": hits, "miss": misses}) for these texts."""
+        out: list[np.ndarray | None] = [self.lru.get((self.model_version, t)) for t in texts]
+        n = {"lru": sum(v is not None for v in out), "redis": 0, "miss": 0}
+        missing = [i for i, v in enumerate(out) if v is None]
+        if missing and self.redis is not None:
+            try:
+                raw = await self.redis.mget([self.redis_key(texts[i]) for i in missing])
+            except (RedisError, OSError, TimeoutError) as e:  # redis down or slow: a miss, not a failure
+                self.redis_errors += 1
+                log.warning("redis get failed: %s", e)
+                raw = [None] * len(missing)
+            for i, b in zip(missing, raw):
+                if b is not None:
+                    vec = np.frombuffer(b, dtype="<f4").astype(np.float32)
+                    out[i] = vec
+                    self.lru.put((self.model_version, texts[i]), vec)
+                    n["redis"] += 1
+        n["miss"] = sum(v is None for v in out)
+        self.hits["lru"] += n["lru"]
+        self.hits["redis"] += n["redis"]
+        self.misses += n["miss"]
+        return out, n
+
+    async def put_many(self, texts: list[str], vecs: list[np.ndarray]) -> None:
+        for t, v in zip(texts, vecs):
+            self.lru.put((self.model_version, t), v)
+        if self.redis is not None and texts:
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for t, v in zip(texts, vecs):
+                    pipe.set(self.redis_key(t), np.asarray(v, dtype="<f4").tobytes(), ex=self.ttl_s)
+                await pipe.execute()
+            except (RedisError, OSError, TimeoutError) as e:
+                self.redis_errors += 1
+                log.warning("redis set failed: %s", e)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()

@@ -1,0 +1,237 @@
+"""Continuous batching for generation over the static KV cache of projects.infer's Llama model.
+
+The cache has `n_slots` rows. A request takes a free row: its prompt is prefilled into slots 0..T-1 of that
+row alone, then every engine step decodes ONE token for every active row at once, each row at its own
+position (`input_pos` of shape (B, 1), which projects.infer's model supports for exactly this). A row that
+finishes (stop token, max_tokens, client gone) frees its slot at once and the next waiting request is
+prefilled into it before the following step -- requests join and leave the running batch between tokens
+instead of waiting for the whole batch to end (request-level batching). Admission is FIFO; every active
+row advances one token per step, so long generations cannot starve short ones of decode steps.
+
+The waiting line is bounded (full -> `Overloaded`, 503/429 + Retry-After); a request whose client left or
+whose deadline passed while it waited is dropped before its prefill. The model runs in one worker thread
+(off the event loop); tokens reach the caller through an asyncio queue as they are produced.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from projects.serve.batcher import DeadlineExceeded, Overloaded
+
+
+@dataclass(eq=False)
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then None (done) or an exception
+    cancelled: bool = False
+    t_enqueue: float = 0.0
+    deadline: float | None = None
+    t_start: float = 0.0
+    # engine state
+    row: int = -1
+    pos: int = 0                    # next cache slot to write (= tokens so far)
+    n_new: int = 0
+    last: int = 0
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+
+
+@contextlib.contextmanager
+def _row_view(model, row: int):
+    """Point every layer's KV cache at row `row` alone (a view, so writes land in the shared cache): the
+    model writes cache rows [:B] of a B-row input, and a prefill must fill this request's row only."""
+    saved = []
+    for layer in model.layers:
+        c = layer.attention.kv_cache
+        saved.append((c, c.k_cache, c.v_cache))
+        c.k_cache, c.v_cache = c.k_cache[row:row + 1], c.v_cache[row:row + 1]
+    try:
+        yield
+    finally:
+        for c, k, v in saved:
+            c.k_cache, c.v_cache = k, v
+
+
+class GenerationEngine:
+    def __init__(self, model, tokenizer, *, n_slots: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
+                 stop_ids: tuple[int, ...] | None = None, name: str = "generate", on_step=None):
+        from projects.infer.generate import sample
+        self._sample = sample
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_slots = n_slots
+        self.max_queue = max_queue
+        self.ctx = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.stop_ids = tuple(stop_ids) if stop_ids is not None else \
+            ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+        self.name = name
+        self.on_step = on_step            # (name, active rows, seconds) per decode step, for metrics
+        self.device = next(model.parameters()).device
+        model.setup_caches(n_slots, self.ctx)
+        self._waiting: collections.deque[GenRequest] = collections.deque()
+        self._active: dict[int, GenRequest] = {}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.steps = 0
+        self.prefills = 0
+        self.dropped = 0
+        self.rejected = 0
+        self._step_s = 0.0
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generate")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="generate-engine")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+        for r in [*self._waiting, *self._active.values()]:
+            r.out.put_nowait(Overloaded("generation engine stopped"))
+        self._waiting.clear()
+        self._active.clear()
+        self._executor.shutdown(wait=True)
+
+    def retry_after_s(self) -> float:
+        return max(1.0, float(round(len(self._waiting) / max(1, self.n_slots) * 32 * self._step_s)))
+
+    def submit(self, req: GenRequest, timeout_s: float | None = None) -> GenRequest:
+        """Queue a request (or raise Overloaded); read its tokens from `req.out` until None."""
+        if self._task is None:
+            raise Overloaded("generation engine is not running")
+        if len(self._waiting) >= self.max_queue:
+            self.rejected += 1
+            raise Overloaded(f"generation queue is full ({len(self._waiting)}/{self.max_queue})",
+                             self.retry_after_s())
+        if not req.prompt_ids:
+            raise ValueError("empty prompt")
+        if len(req.prompt_ids) + req.max_tokens > self.ctx:
+            raise ValueError(f"prompt of {len(req.prompt_ids)} tokens + max_tokens {req.max_tokens} exceeds "
+                             f"the model's context of {self.ctx}")
+        loop = asyncio.get_running_loop()
+        req.t_enqueue = loop.time()
+        req.deadline = req.t_enqueue + timeout_s if timeout_s is not None else None
+        if req.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
+        self._waiting.append(req)
+        self._wake.set()
+        return req
+
+    # -- engine ------------------------------------------------------------------------------------------
+    def _pick(self, logits: torch.Tensor, r: GenRequest) -> torch.Tensor:
+        return self._sample(logits, r.temperature, r.top_k, r.top_p, r.generator)  # (1,)
+
+    @torch.inference_mode()
+    def _compute(self, new: list[GenRequest], running: list[GenRequest]) -> dict[int, int]:
+        """Decode one token for every running row, then prefill the newly admitted rows (first token)."""
+        nxt: dict[int, torch.Tensor] = {}
+        if running:
+            B = max(r.row for r in running) + 1            # rows [:B] of the cache; idle rows are dummies
+            tok = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+            pos = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+            for r in running:
+                tok[r.row, 0], pos[r.row, 0] = r.last, r.pos
+            logits = self.model(tok, pos)[:, -1]           # (B, V); causal mask per row from pos
+            greedy = logits.argmax(-1)
+            for r in running:
+                nxt[r.row] = greedy[r.row:r.row + 1] if r.temperature <= 0 else \
+                    self._pick(logits[r.row:r.row + 1], r)
+        for r in new:
+            ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device)     # (1, T)
+            with _row_view(self.model, r.row):
+                logits = self.model(ids, torch.arange(ids.shape[1], device=self.device))[:, -1]  # (1, V)
+            nxt[r.row] = self._pick(logits, r)
+        if not nxt:
+            return {}
+        rows = list(nxt)
+        vals = torch.cat([nxt[k] for k in rows]).tolist()  # the one host sync per step (tokens go out)
+        return dict(zip(rows, vals))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._waiting and not self._active:
+                self._wake.clear()
+                await self._wake.wait()
+            # drop rows whose client left
+            for row, r in list(self._active.items()):
+                if r.cancelled:
+                    del self._active[row]
+            # admit waiting requests into free rows, lowest row first (keeps the decode batch short)
+            new = []
+            free = [i for i in range(self.n_slots) if i not in self._active]
+            now = loop.time()
+            while free and self._waiting:
+                r = self._waiting.popleft()
+                if r.cancelled:
+                    self.dropped += 1
+                    continue
+                if r.deadline is not None and now > r.deadline:
+                    self.dropped += 1
+                    r.out.put_nowait(DeadlineExceeded(
+                        f"completion waited {now - r.t_enqueue:.3f}s in the queue, past its deadline",
+                        self.retry_after_s()))
+                    continue
+                r.row, r.pos, r.t_start = free.pop(0), len(r.prompt_ids), now
+                new.append(r)
+            running = list(self._active.values())
+            if not new and not running:
+                continue
+            for r in new:
+                self._active[r.row] = r
+            t0 = loop.time()
+            try:
+                toks = await loop.run_in_executor(self._executor, self._compute, new, running)
+            except Exception as e:  # a model failure ends the requests in this step, not the engine
+                for r in new + running:
+                    self._active.pop(r.row, None)
+                    r.out.put_nowait(e)
+                continue
+            dt = loop.time() - t0
+            self._step_s = dt if self.steps == 0 else 0.9 * self._step_s + 0.1 * dt
+            self.steps += 1
+            self.prefills += len(new)
+            if self.on_step is not None:
+                self.on_step(self.name, len(running) + len(new), dt)
+            for r in running:
+                r.pos += 1                                   # the decode step wrote r.last at r.pos
+            for row, t in toks.items():
+                r = self._active.get(row)
+                if r is None:
+                    continue
+                r.last = t
+                r.n_new += 1
+                stop = t in self.stop_ids
+                if not stop:
+                    r.out.put_nowait(t)
+                if stop or r.n_new >= r.max_tokens or r.cancelled:
+                    r.finish_reason = "stop" if stop else "length"
+                    r.out.put_nowait(None)
+                    del self._active[row]

@@ -1,0 +1,376 @@
+"""Open-loop load generator: Poisson arrivals at a fixed offered rate, latency from the *scheduled* send time.
+
+    python -m projects.serve.loadtest --rate 50 --duration-s 20            # one level, against `make serve`
+    python -m projects.serve.loadtest                                      # sweep 10%..150% of capacity
+    python -m projects.serve.loadtest --mix embeddings=1 --zipf 1.1 --rate 100   # Zipf stream (cache test)
+
+Why open loop: a closed-loop client (N users, each waiting for its answer before sending the next) slows
+down exactly when the server does, so the requests that would have met the slow server are never sent and
+their latency never measured ("coordinated omission"). Here request i is due at t0 + a_i with exponential
+gaps of mean 1/rate, whatever happened before, and its latency is counted from t0 + a_i -- if the
+generator itself falls behind, that delay is charged to the result too (and reported as `send_lag_p99_ms`,
+so a saturated generator is visible rather than hidden).
+
+The workload mixes embeddings, search and streamed completions (--mix) over real text: WordNet glosses and
+example sentences (Debian wordnet-base) or tiny-shakespeare lines ($MLSYS_ASSETS/text/tinyshakespeare.txt).
+Per level it reports: offered and achieved throughput, p50/p90/p99/max latency of successful requests,
+errors by status (or exception), the p99 time to a refusal (429/503), and goodput -- successful requests
+within the latency SLO per second (for streamed completions the SLO applies to the first token).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from projects.serve.cluster import REPO_ROOT, parse_config, write_atomic
+
+ROUTES = ("embeddings", "search", "completions")
+REFUSALS = ("429", "503")
+
+
+@dataclass
+class LoadConfig:
+    url: str = "http://127.0.0.1:8000"
+    """the service (nginx from `make serve`, or one replica)"""
+    rate: float = 0.0
+    """offered requests/s for one level; 0 = measure capacity, then sweep --levels"""
+    duration_s: float = 20.0
+    """seconds of arrivals per level"""
+    levels: str = "0.1,0.25,0.5,0.75,1.0,1.25,1.5"
+    """sweep: offered load as fractions of the measured capacity"""
+    capacity: float = 0.0
+    """sweep: capacity in requests/s (0 = measure it with a closed loop of --concurrency for --duration-s)"""
+    concurrency: int = 64
+    """closed-loop concurrency for the capacity measurement"""
+    mix: str = "embeddings=0.7,search=0.25,completions=0.05"
+    """route=weight,... over embeddings, search, completions"""
+    corpus: str = "wordnet"
+    """wordnet (glosses + examples) or shakespeare (tiny-shakespeare lines)"""
+    texts_per_request: int = 1
+    """texts in each embeddings request"""
+    zipf: float = 0.0
+    """> 0: draw texts from a pool of --pool with Zipf(s) popularity (repeats hit the cache); 0 = uniform"""
+    pool: int = 10000
+    """distinct texts to draw from"""
+    top_k: int = 10
+    """search: documents per query"""
+    max_tokens: int = 16
+    """completions: tokens to generate"""
+    stream: bool = True
+    """completions: stream server-sent events"""
+    slo_ms: float = 250.0
+    """latency SLO for goodput (first token, for streamed completions)"""
+    timeout_s: float = 30.0
+    """a request not answered by then counts as an error (timeout)"""
+    max_connections: int = 1024
+    """client connection pool (beyond it requests wait client-side -- still counted from schedule)"""
+    seed: int = 0
+    """random seed (arrivals, routes, texts)"""
+    out: str = ""
+    """JSON results file (default runs/serve/loadtest-<time>.json)"""
+
+
+# --------------------------------------------------------------------------------------------------------
+# the schedule and the workload
+def poisson_arrivals(rate: float, duration_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Send times (s from start) of a Poisson process of `rate`/s on [0, duration_s): exponential gaps."""
+    if rate <= 0 or duration_s <= 0:
+        raise ValueError("rate and duration must be > 0")
+    n = int(rate * duration_s * 1.2 + 10 * np.sqrt(rate * duration_s) + 10)  # enough gaps, w.h.p.
+    t = np.cumsum(rng.exponential(1.0 / rate, n))
+    while t[-1] < duration_s:  # (never in practice) extend until past the end
+        t = np.concatenate([t, t[-1] + np.cumsum(rng.exponential(1.0 / rate, n))])
+    return t[t < duration_s]
+
+
+def parse_mix(mix: str) -> dict[str, float]:
+    out = {}
+    for part in mix.split(","):
+        name, _, w = part.partition("=")
+        name = name.strip()
+        if name not in ROUTES:
+            raise ValueError(f"--mix: unknown route {name!r} (choose from {', '.join(ROUTES)})")
+        try:
+            out[name] = float(w) if w else 1.0
+        except ValueError:
+            raise ValueError(f"--mix: weight of {name} is not a number: {w!r}") from None
+    total = sum(out.values())
+    if total <= 0 or any(v < 0 for v in out.values()):
+        raise ValueError("--mix: weights must be >= 0 and not all 0")
+    return {k: v / total for k, v in out.items()}
+
+
+def load_texts(corpus: str, n: int, seed: int = 0) -> list[str]:
+    """n real sentences, shuffled: WordNet passages or tiny-shakespeare lines."""
+    if corpus == "wordnet":
+        from projects.serve.index import wordnet_passages  # (parses /usr/share/wordnet; FileNotFoundError)
+        texts = [t for t, _ in wordnet_passages()]
+    elif corpus == "shakespeare":
+        root = Path(os.environ.get("MLSYS_ASSETS", REPO_ROOT.parent / "shared" / "assets"))
+        f = root / "text" / "tinyshakespeare.txt"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found (set MLSYS_ASSETS, or use --corpus wordnet)")
+        texts = [ln.strip() for ln in f.read_text().splitlines() if len(ln.split()) >= 4]
+    else:
+        raise ValueError(f"--corpus must be wordnet or shakespeare, got {corpus!r}")
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(texts))[:n]
+    return [texts[i] for i in idx]
+
+
+@dataclass
+class Workload:
+    """Draws (route, path, json body) for each request from a text pool; uniform or Zipf popularity."""
+    texts: list[str]
+    mix: dict[str, float]
+    zipf: float = 0.0
+    texts_per_request: int = 1
+    top_k: int = 10
+    max_tokens: int = 16
+    stream: bool = True
+    _p: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not self.texts:
+            raise ValueError("the workload needs at least one text")
+        if self.zipf > 0:  # P(rank k) ~ 1/k^s over the pool (any s > 0, unlike numpy's zipf which needs s > 1)
+            w = 1.0 / np.arange(1, len(self.texts) + 1) ** self.zipf
+            self._p = w / w.sum()
+
+    def text(self, rng: np.random.Generator) -> str:
+        return self.texts[int(rng.choice(len(self.texts), p=self._p))]
+
+    def request(self, rng: np.random.Generator) -> tuple[str, str, dict]:
+        routes = list(self.mix)
+        route = routes[int(rng.choice(len(routes), p=[self.mix[r] for r in routes]))]
+        if route == "embeddings":
+            n = self.texts_per_request
+            body = {"input": self.text(rng) if n == 1 else [self.text(rng) for _ in range(n)]}
+        elif route == "search":
+            body = {"query": self.text(rng), "top_k": self.top_k}
+        else:  # a story-like prompt: the first words of a sentence
+            body = {"prompt": " ".join(self.text(rng).split()[:8]), "max_tokens": self.max_tokens,
+                    "temperature": 0.0, "stream": self.stream}
+        return route, f"/v1/{route}", body
+
+
+# --------------------------------------------------------------------------------------------------------
+# sending and measuring
+@dataclass
+class Result:
+    route: str
+    scheduled: float       # loop time the request was due
+    sent: float            # loop time it was actually sent (lags `scheduled` when the generator is behind)
+    done: float            # loop time the (last byte of the) response arrived
+    status: str            # "200", "503", ... or an exception name ("ConnectError", "timeout")
+    first: float = 0.0     # loop time of the first streamed token (completions)
+    key: str = ""          # the (first) text sent: tells cache hits from misses afterwards
+
+    @property
+    def latency(self) -> float:
+        return self.done - self.scheduled
+
+
+async def send(client, route: str, path: str, body: dict, scheduled: float, timeout_s: float) -> Result:
+    import httpx
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    first = 0.0
+    try:
+        async with asyncio.timeout(timeout_s):
+            if route == "completions" and body.get("stream"):
+                async with client.stream("POST", path, json=body) as resp:
+                    status = str(resp.status_code)
+                    done_marker = False
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data:"):
+                            first = first or loop.time()
+                            done_marker |= line.strip() == "data: [DONE]"
+                    if status == "200" and not done_marker:
+                        status = "incomplete_stream"   # the stream was cut before [DONE]
+            else:
+                resp = await client.post(path, json=body)
+                status = str(resp.status_code)
+    except TimeoutError:
+        status = "timeout"
+    except httpx.HTTPError as e:
+        status = type(e).__name__
+    key = body.get("input", body.get("query", body.get("prompt", "")))
+    return Result(route, scheduled, sent, loop.time(), status, first, key if isinstance(key, str) else key[0])
+
+
+def _pct(xs, q: float) -> float | None:
+    return float(np.percentile(np.asarray(xs), q)) if len(xs) else None  # numpy "linear", as common.timing
+
+
+def summarize(results: list[Result], t0: float, offered_rps: float, duration_s: float, slo_s: float) -> dict:
+    """Aggregate one level. Latency percentiles are over successful requests; refusals get their own p99;
+    throughput and goodput are per second of wall time from the first due request to the last answer."""
+    if not results:  # (a very low rate over a short level can draw no arrival at all)
+        return {"offered_rps": offered_rps, "sent": 0, "ok": 0, "achieved_rps": 0.0, "goodput_rps": 0.0,
+                "goodput_fraction": None, "p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None,
+                "errors": {}, "failed": 0, "refused": 0, "reject_p99_ms": None, "send_lag_p99_ms": None,
+                "wall_s": duration_s, "by_route": {}}
+    end = max(r.done for r in results)
+    wall = max(duration_s, end - t0)
+    ok = [r for r in results if r.status == "200"]
+    lat = [r.latency for r in ok]
+
+    def slo_latency(r: Result) -> float:  # streamed completions: time to first token
+        return (r.first - r.scheduled) if r.first else r.latency
+
+    good = [r for r in ok if slo_latency(r) <= slo_s]
+    refused = [r.latency for r in results if r.status in REFUSALS]
+    ms = lambda x: None if x is None else x * 1000  # noqa: E731
+    out = {
+        "offered_rps": offered_rps,
+        "sent": len(results),
+        "ok": len(ok),
+        "achieved_rps": len(ok) / wall,
+        "goodput_rps": len(good) / wall,
+        "goodput_fraction": len(good) / len(results),
+        "p50_ms": ms(_pct(lat, 50)), "p90_ms": ms(_pct(lat, 90)), "p99_ms": ms(_pct(lat, 99)),
+        "max_ms": ms(max(lat) if lat else None),
+        "errors": dict(Counter(r.status for r in results if r.status != "200")),
+        "failed": len(results) - len(ok),
+        "refused": len(refused),
+        "reject_p99_ms": ms(_pct(refused, 99)),
+        "send_lag_p99_ms": ms(_pct([r.sent - r.scheduled for r in results], 99)),
+        "wall_s": wall,
+        "by_route": {},
+    }
+    for route in sorted({r.route for r in results}):
+        rr = [r for r in results if r.route == route]
+        rl = [r.latency for r in rr if r.status == "200"]
+        out["by_route"][route] = {"sent": len(rr), "ok": len(rl), "p50_ms": ms(_pct(rl, 50)),
+                                  "p99_ms": ms(_pct(rl, 99))}
+        firsts = [r.first - r.scheduled for r in rr if r.status == "200" and r.first]
+        if firsts:
+            out["by_route"][route]["ttft_p50_ms"] = ms(_pct(firsts, 50))
+            out["by_route"][route]["ttft_p99_ms"] = ms(_pct(firsts, 99))
+    return out
+
+
+def make_client(url: str, max_connections: int = 1024, timeout_s: float = 30.0):
+    import httpx
+    return httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout_s, connect=5.0),
+                             limits=httpx.Limits(max_connections=max_connections,
+                                                 max_keepalive_connections=max_connections))
+
+
+async def run_level(client, workload: Workload, rate: float, duration_s: float, *, slo_ms: float = 250.0,
+                    timeout_s: float = 30.0, seed: int = 0, arrivals: np.ndarray | None = None,
+                    on_tick=None) -> tuple[dict, list[Result]]:
+    """Offer `rate` req/s for `duration_s` (open loop); wait for every answer; return (summary, results).
+
+    `on_tick(elapsed_s)` is called about every 0.1 s of the schedule (e.g. to kill a replica mid-run)."""
+    rng = np.random.default_rng(seed)
+    arrivals = poisson_arrivals(rate, duration_s, rng) if arrivals is None else arrivals
+    reqs = [workload.request(rng) for _ in range(len(arrivals))]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() + 0.05
+    tasks = []
+    next_tick = 0.0
+    for a, (route, path, body) in zip(arrivals, reqs):
+        due = t0 + a
+        while on_tick is not None and a >= next_tick:
+            on_tick(next_tick)
+            next_tick += 0.1
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        # fire and forget: the next arrival does not wait for this answer (that is the open loop)
+        tasks.append(asyncio.create_task(send(client, route, path, body, due, timeout_s)))
+    results = list(await asyncio.gather(*tasks))
+    return summarize(results, t0, rate, duration_s, slo_ms / 1000), results
+
+
+async def measure_capacity(client, workload: Workload, seconds: float, concurrency: int, seed: int = 0,
+                           timeout_s: float = 30.0) -> float:
+    """Closed loop at `concurrency` in flight for `seconds`: successful requests/s (the saturation rate)."""
+    loop = asyncio.get_running_loop()
+    rng = np.random.default_rng(seed + 1)
+    end = loop.time() + seconds
+    ok = 0
+
+    async def user():
+        nonlocal ok
+        while loop.time() < end:
+            route, path, body = workload.request(rng)
+            r = await send(client, route, path, body, loop.time(), timeout_s)
+            ok += r.status == "200"
+
+    t0 = loop.time()
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    return ok / (loop.time() - t0)
+
+
+async def sweep(client, workload: Workload, capacity: float, levels: list[float], duration_s: float, *,
+                slo_ms: float, timeout_s: float, seed: int = 0, progress: bool = True) -> list[dict]:
+    rows = []
+    for i, frac in enumerate(levels):
+        s, _ = await run_level(client, workload, frac * capacity, duration_s, slo_ms=slo_ms,
+                               timeout_s=timeout_s, seed=seed + i)
+        s["load_fraction"] = frac
+        rows.append(s)
+        if progress:
+            print(format_row(s), file=sys.stderr, flush=True)
+        await asyncio.sleep(1.0)   # let queues empty between levels
+    return rows
+
+
+def format_row(s: dict) -> str:
+    f = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
+    return (f"offered {s['offered_rps']:7.1f}/s  achieved {s['achieved_rps']:7.1f}/s  goodput "
+            f"{s['goodput_rps']:7.1f}/s  p50 {f(s['p50_ms'])} p90 {f(s['p90_ms'])} p99 {f(s['p99_ms'])} "
+            f"max {f(s['max_ms'])} ms  errors {s['errors'] or 0}  lag p99 {f(s['send_lag_p99_ms'])} ms")
+
+
+async def _main(cfg: LoadConfig) -> dict:
+    texts = load_texts(cfg.corpus, cfg.pool, cfg.seed)
+    wl = Workload(texts, parse_mix(cfg.mix), cfg.zipf, cfg.texts_per_request, cfg.top_k, cfg.max_tokens,
+                  cfg.stream)
+    async with make_client(cfg.url, cfg.max_connections, cfg.timeout_s) as client:
+        if cfg.rate > 0:
+            s, _ = await run_level(client, wl, cfg.rate, cfg.duration_s, slo_ms=cfg.slo_ms,
+                                   timeout_s=cfg.timeout_s, seed=cfg.seed)
+            print(format_row(s), file=sys.stderr)
+            return {"levels": [s]}
+        cap = cfg.capacity or await measure_capacity(client, wl, cfg.duration_s, cfg.concurrency, cfg.seed,
+                                                     cfg.timeout_s)
+        print(f"capacity {cap:.1f} requests/s", file=sys.stderr)
+        levels = [float(x) for x in cfg.levels.split(",")]
+        return {"capacity_rps": cap, "levels": await sweep(client, wl, cap, levels, cfg.duration_s,
+                                                           slo_ms=cfg.slo_ms, timeout_s=cfg.timeout_s,
+                                                           seed=cfg.seed)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(LoadConfig, argv, __doc__)
+    try:
+        parse_mix(cfg.mix)
+        out = asyncio.run(_main(cfg))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    out["config"] = dataclasses.asdict(cfg)
+    path = Path(cfg.out) if cfg.out else REPO_ROOT / "runs" / "serve" / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

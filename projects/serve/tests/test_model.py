@@ -1,0 +1,30 @@
+"""The plain-transformers MiniLM (mean pooling + L2 norm) against sentence-transformers on the same folder."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from projects.serve.tests.conftest import SENTENCES
+
+
+@pytest.mark.slow
+def test_matches_sentence_transformers(embedder):
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
+    ref = st.SentenceTransformer(str(embedder.dir), device="cpu").encode(SENTENCES[:20], normalize_embeddings=True)
+    ours = embedder.encode(SENTENCES[:20])
+    assert ours.shape == (20, 384) and ours.dtype == np.float32
+    cos = (ours * ref).sum(1)
+    assert cos.min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_batched_equals_alone(embedder):
+    texts = SENTENCES[:8] + ["a much longer text " * 40]
+    batched = embedder.encode(texts)
+    alone = np.stack([embedder.encode([t])[0] for t in texts])
+    assert (batched * alone).sum(1).min() >= 0.9999
+
+
+def test_version_names_model_and_weights(embedder):
+    assert embedder.version.startswith("sentence-transformers/all-MiniLM-L6-v2@")
+    assert len(embedder.weights_sha256) == 64

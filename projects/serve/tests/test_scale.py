@@ -1,0 +1,505 @@
+"""Serving at scale: nginx config, the supervisor (replica kill, rolling restart, exact stop), the open-loop
+load generator (Poisson schedule, percentiles, goodput, no coordinated omission), the autoscaler's policy,
+and the Dockerfile / Kubernetes manifests against the app's settings. Loopback only.
+
+The nginx behaviour tests run a *stand-in* app (`standin_app` below: the same routes, a few ms of sleep
+instead of models) behind the real nginx and the real supervisor: starting the real app (MiniLM, the FAISS
+index, the generator) several times would not fit this file's ~2 minute budget. The serving bench measures
+the same replica kill on the real app (`failed_requests_on_replica_kill`).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from projects.serve import autoscale, cluster, loadtest
+
+REPO = Path(__file__).resolve().parents[3]
+HAVE_NGINX = shutil.which("nginx") is not None
+NO_NGINX = "nginx not installed (scripts/system_deps.sh installs it)"
+
+
+# --------------------------------------------------------------------------------------------------------
+# the stand-in app: same routes as projects.serve.app, no models (run by uvicorn in the replica processes)
+def _make_standin():
+    app = FastAPI()
+    state = {"inflight": 0}
+
+    async def work(seconds: float):
+        state["inflight"] += 1
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            state["inflight"] -= 1
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: Request):
+        body = await req.json()
+        text = body["input"] if isinstance(body["input"], str) else body["input"][0]
+        if text.startswith("fail"):
+            return JSONResponse({"error": "overloaded"}, 503, headers={"Retry-After": "1"})
+        await work(0.2 if text.startswith("slow") else 0.05)  # ~3 in flight at 60/s
+        return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0] * 8}],
+                "pid": os.getpid()}
+
+    @app.post("/v1/search")
+    async def search(req: Request):
+        await req.json()
+        await work(0.05)
+        return {"results": [{"id": 0, "score": 1.0, "text": "x"}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: Request):
+        body = await req.json()
+
+        async def events():
+            for i in range(int(body.get("max_tokens", 5))):
+                await work(0.02)
+                yield f"data: {json.dumps({'choices': [{'text': f' t{i}'}]})}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(f"# TYPE serve_queue_depth gauge\nserve_queue_depth{{queue=\"embed\"}} "
+                                 f"{state['inflight']}\n")
+    return app
+
+
+standin_app = _make_standin() if os.environ.get("SERVE_STANDIN") == "1" else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_range(n: int) -> int:
+    """A base port with n free consecutive ports after it."""
+    for _ in range(50):
+        base = free_port()
+        if base + n < 65000 and all(cluster.port_free("127.0.0.1", base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+# --------------------------------------------------------------------------------------------------------
+# nginx template
+def test_nginx_template_renders_with_the_routing_rules(tmp_path):
+    cfg = cluster.ClusterConfig(port=18000, next_upstream_tries=3)
+    text = cluster.render_nginx(cfg, tmp_path, [(18101, True), (18102, False)])
+    assert "{{" not in text and "least_conn;" in text
+    assert "server 127.0.0.1:18101 max_fails=1 fail_timeout=2s;" in text
+    assert "server 127.0.0.1:18102 max_fails=1 fail_timeout=2s down;" in text
+    blocks = {}
+    for chunk in text.split("location ")[1:]:
+        head, body = chunk.split("{", 1)
+        blocks[head.strip()] = body.split("}", 1)[0]
+    idem = blocks["~ ^/v1/(embeddings|search)$"]
+    assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in idem
+    assert "proxy_next_upstream_tries 3;" in idem
+    comp = blocks["= /v1/completions"]
+    assert "proxy_buffering off;" in comp and "non_idempotent" not in comp
+    # non_idempotent nowhere but the idempotent routes
+    assert sum("non_idempotent;" in b for b in blocks.values()) == 1
+    with pytest.raises(ValueError):
+        cluster.render_nginx(cfg, tmp_path, [])
+
+
+@pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
+def test_nginx_accepts_the_rendered_config(tmp_path):
+    cfg = cluster.ClusterConfig(port=free_port())
+    (tmp_path / "nginx-tmp").mkdir()
+    (tmp_path / "nginx.conf").write_text(cluster.render_nginx(cfg, tmp_path, [(18101, True), (18102, True)]))
+    cluster.nginx_test(cfg, tmp_path)   # raises with nginx's message if rejected
+    (tmp_path / "nginx.conf").write_text("http { bogus_directive on; }")
+    with pytest.raises(RuntimeError, match="nginx -t rejected"):
+        cluster.nginx_test(cfg, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# load generator: schedule, workload, summary
+def test_poisson_schedule_has_the_offered_rate_and_exponential_gaps():
+    rng = np.random.default_rng(0)
+    rate, dur = 200.0, 50.0
+    t = loadtest.poisson_arrivals(rate, dur, rng)
+    assert abs(len(t) / dur - rate) < 0.03 * rate             # mean rate (sd of the count is ~1%)
+    assert t[0] >= 0 and t[-1] < dur and np.all(np.diff(t) > 0)
+    gaps = np.diff(t)
+    assert abs(gaps.std() / gaps.mean() - 1) < 0.05            # exponential: CV = 1 (a fixed pace gives 0)
+    assert abs((gaps < 1 / rate).mean() - (1 - np.exp(-1))) < 0.02
+    with pytest.raises(ValueError):
+        loadtest.poisson_arrivals(0, 1, rng)
+
+
+def test_workload_mix_and_zipf():
+    texts = [f"text {i}" for i in range(1000)]
+    wl = loadtest.Workload(texts, loadtest.parse_mix("embeddings=3,search=1"), zipf=1.1)
+    rng = np.random.default_rng(0)
+    reqs = [wl.request(rng) for _ in range(4000)]
+    routes = [r for r, _, _ in reqs]
+    assert abs(routes.count("embeddings") / 4000 - 0.75) < 0.03
+    first = [b.get("input", b.get("query")) for _, _, b in reqs]
+    h = (1 / np.arange(1, 1001) ** 1.1).sum()
+    assert abs(first.count("text 0") / 4000 - 1 / h) < 0.02     # P(rank 1) = 1/H(1000, 1.1)
+    with pytest.raises(ValueError, match="unknown route"):
+        loadtest.parse_mix("embed=1")
+
+
+def test_summary_percentiles_goodput_and_errors_are_exact():
+    R = loadtest.Result
+    # 100 OK requests with latencies 1..100 ms, 10 refused at 2 ms, 5 connection errors
+    res = [R("embeddings", i, i, i + (i + 1) / 1000, "200") for i in range(100)]
+    res += [R("search", 0, 0, 0.002, "503") for _ in range(10)]
+    res += [R("search", 0, 0, 0.5, "ConnectError") for _ in range(5)]
+    s = loadtest.summarize(res, t0=0.0, offered_rps=1.0, duration_s=10.0, slo_s=0.050)
+    lat = np.arange(1, 101)
+    assert s["p50_ms"] == pytest.approx(np.percentile(lat, 50))
+    assert s["p99_ms"] == pytest.approx(np.percentile(lat, 99))
+    assert s["max_ms"] == pytest.approx(100)
+    assert s["errors"] == {"503": 10, "ConnectError": 5} and s["failed"] == 15 and s["refused"] == 10
+    assert s["reject_p99_ms"] == pytest.approx(2)
+    wall = 99 + 0.1                                   # last answer at 99.1 s
+    assert s["achieved_rps"] == pytest.approx(100 / wall)
+    assert s["goodput_rps"] == pytest.approx(50 / wall)  # latencies 1..50 ms meet a 50 ms SLO
+    assert s["goodput_fraction"] == pytest.approx(50 / 115)
+
+
+class _FakeServer:
+    """A tiny ASGI app under uvicorn on a thread: 'fast' 10 ms, 'slow' 200 ms, 'fail' 503, 'stall' stops
+    the server's event loop for 0.5 s (a GC pause, a stuck batch)."""
+
+    def __init__(self):
+        import uvicorn
+
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            body = b""
+            while True:
+                msg = await receive()
+                body += msg.get("body", b"")
+                if not msg.get("more_body"):
+                    break
+            text = json.loads(body)["input"] if body else ""
+            status = 503 if text.startswith("fail") else 200
+            if text.startswith("stall"):
+                time.sleep(0.5)   # blocks the loop: everything queued behind it waits
+            elif status == 200:
+                await asyncio.sleep(0.2 if text.startswith("slow") else 0.01)
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def test_loadtest_against_a_fake_server_counts_latency_errors_and_goodput():
+    texts = ["fast a", "slow b", "fail c"]
+    wl = loadtest.Workload(texts, {"embeddings": 1.0})
+    rate, dur, seed = 40.0, 3.0, 7
+    rng = np.random.default_rng(seed)                 # the same stream run_level will draw
+    arrivals = loadtest.poisson_arrivals(rate, dur, rng)
+    kinds = [wl.request(rng)[2]["input"].split()[0] for _ in arrivals]
+
+    async def go(port):
+        async with loadtest.make_client(f"http://127.0.0.1:{port}") as c:
+            return await loadtest.run_level(c, wl, rate, dur, slo_ms=100, seed=seed)
+
+    with _FakeServer() as srv:
+        s, results = asyncio.run(go(srv.port))
+    assert len(results) == len(arrivals)
+    assert [r.status for r in results] == ["503" if k == "fail" else "200" for k in kinds]
+    assert s["errors"] == {"503": kinds.count("fail")}
+    lat = {k: [r.latency for r, kk in zip(results, kinds) if kk == k] for k in ("fast", "slow")}
+    assert max(lat["fast"]) < 0.1 and min(lat["slow"]) >= 0.2     # each as the server made it
+    assert s["goodput_fraction"] == pytest.approx(kinds.count("fast") / len(kinds))
+    assert s["p99_ms"] >= 200
+
+
+def test_latency_counts_from_the_schedule_so_a_stall_is_not_hidden():
+    # Open loop at 50/s while the server stalls 0.5 s once: every request due during the stall waits for
+    # it. A closed-loop client would have sent ~1 request in that window; here ~25 see the stall.
+    wl = loadtest.Workload(["fast"], {"embeddings": 1.0})
+    arrivals = np.arange(0, 2.0, 0.02)
+
+    async def go(port):
+        async with loadtest.make_client(f"http://127.0.0.1:{port}") as c:
+            async def staller():
+                await asyncio.sleep(0.5)
+                await c.post("/", json={"input": "stall"})
+            t = asyncio.create_task(staller())
+            s, res = await loadtest.run_level(c, wl, 50, 2.0, arrivals=arrivals)
+            await t
+            return s, res
+
+    with _FakeServer() as srv:
+        s, results = asyncio.run(go(srv.port))
+    slow = sum(r.latency > 0.2 for r in results)
+    assert slow >= 15, f"only {slow} requests saw the stall"
+    assert s["max_ms"] >= 400
+
+
+# --------------------------------------------------------------------------------------------------------
+# autoscaler policy and metrics
+def test_histogram_quantile_and_metrics_parsing():
+    text = """# TYPE serve_request_duration_seconds histogram
+serve_request_duration_seconds_bucket{route="/v1/embeddings",le="0.1"} 90
+serve_request_duration_seconds_bucket{route="/v1/embeddings",le="0.5"} 99
+serve_request_duration_seconds_bucket{route="/v1/embeddings",le="+Inf"} 100
+serve_request_duration_seconds_count{route="/v1/embeddings"} 100
+serve_request_duration_seconds_sum{route="/v1/embeddings"} 5
+serve_request_duration_seconds_bucket{route="/v1/completions",le="0.1"} 0
+serve_request_duration_seconds_bucket{route="/v1/completions",le="0.5"} 0
+serve_request_duration_seconds_bucket{route="/v1/completions",le="+Inf"} 50
+# TYPE serve_queue_depth gauge
+serve_queue_depth{queue="embed"} 3
+serve_queue_depth{queue="search"} 2
+"""
+    samples = autoscale.parse_metrics(text)
+    assert autoscale.queue_depth(samples) == 5
+    b = autoscale.latency_buckets(samples)           # completions excluded
+    assert b == {0.1: 90, 0.5: 99, float("inf"): 100}
+    assert autoscale.histogram_quantile(0.5, b) == pytest.approx(0.1 * 50 / 90)
+    assert autoscale.histogram_quantile(0.99, b) == pytest.approx(0.5)
+    assert autoscale.histogram_quantile(0.999, b) == pytest.approx(0.5)   # past the last bound
+    assert autoscale.histogram_quantile(0.5, {}) is None
+
+
+def test_autoscaler_policy_scales_up_fast_and_down_slowly():
+    a = autoscale.Autoscaler(min_replicas=1, max_replicas=3, target_queue=8, slo_ms=250, scale_down_after_s=30)
+    assert a.decide(1, [20.0], 0.1, now=0) == 3           # ceil(1 * 20 / 8) = 3
+    assert a.decide(1, [20.0], 0.1, now=0, starting=1) == 1  # wait for the starting one
+    assert a.decide(2, [1.0, 1.0], 0.4, now=0) == 3       # p99 over the SLO: one more
+    assert a.decide(3, [0.0] * 3, 0.01, now=0) == 3       # low load: not yet ...
+    assert a.decide(3, [0.0] * 3, 0.01, now=29) == 3
+    assert a.decide(3, [0.0] * 3, 0.01, now=31) == 2      # ... only after scale_down_after_s, by one
+    assert a.decide(2, [0.0] * 2, 0.2, now=40) == 2       # p99 not calm: no scale-down, timer reset
+    assert a.decide(1, [0.0], None, now=100) == 1         # never under the minimum
+    assert a.decide(3, [100.0] * 3, 1.0, now=100) == 3    # never over the maximum
+
+
+# --------------------------------------------------------------------------------------------------------
+# the supervisor behind real nginx
+def _state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "cluster.json").read_text())
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
+def test_replica_kill_rolling_restart_and_exact_stop(tmp_path):
+    run_dir = tmp_path / "run"
+    port, base = free_port(), free_range(8)
+    args = ["--app", "projects.serve.tests.test_scale:standin_app", "--port", str(port),
+            "--replica-port", str(base), "--replicas", "2", "--run-dir", str(run_dir), "--graceful-s", "10",
+            "--ready-timeout-s", "60"]
+    env = dict(os.environ, SERVE_STANDIN="1", OMP_NUM_THREADS="1")
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # not ours to stop
+    try:
+        r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "up", "--detach", *args], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=90)
+        assert r.returncode == 0, r.stderr + (run_dir / "supervisor.log").read_text()
+        st = _state(run_dir)
+        victim = st["replicas"][0]
+        wl = loadtest.Workload([f"text {i}" for i in range(100)], {"embeddings": 0.7, "search": 0.3})
+        killed = []
+
+        def kill_once(elapsed):
+            if elapsed >= 1.0 and not killed:
+                os.kill(victim["pid"], signal.SIGKILL)
+                killed.append(elapsed)
+
+        async def steady(on_tick, workload, seconds):
+            async with loadtest.make_client(f"http://127.0.0.1:{port}") as c:
+                return await loadtest.run_level(c, workload, 60, seconds, slo_ms=1000, on_tick=on_tick)
+
+        s, _ = asyncio.run(steady(kill_once, wl, 3.0))
+        assert killed and s["sent"] > 100
+        assert s["failed"] == 0, f"client saw failures: {s['errors']}"
+        # the supervisor restarts it on the same port, and nginx gets it back when ready
+        _wait(lambda: any(x["port"] == victim["port"] and x["pid"] != victim["pid"] and x["state"] == "ready"
+                          for x in _state(run_dir)["replicas"]), 30, "the killed replica to come back")
+
+        # rolling restart of every replica under load, streamed completions included: nothing fails
+        before = {x["pid"] for x in _state(run_dir)["replicas"]}
+        wl_mix = loadtest.Workload([f"text {i}" for i in range(100)],
+                                   {"embeddings": 0.5, "search": 0.2, "completions": 0.3}, max_tokens=10)
+
+        assert subprocess.run([sys.executable, "-m", "projects.serve.cluster", "restart", *args],
+                              cwd=REPO, capture_output=True).returncode == 0
+
+        async def rolling():
+            async with loadtest.make_client(f"http://127.0.0.1:{port}") as c:
+                task = asyncio.create_task(loadtest.run_level(c, wl_mix, 40, 12.0, slo_ms=1000))
+                while not task.done():
+                    st = _state(run_dir)
+                    if {x["pid"] for x in st["replicas"]}.isdisjoint(before) and st["ready"] == 2:
+                        break
+                    await asyncio.sleep(0.2)
+                return await task
+
+        s, results = asyncio.run(rolling())
+        after = _state(run_dir)
+        assert {x["pid"] for x in after["replicas"]}.isdisjoint(before), after["events"]
+        assert sum(r.route == "completions" for r in results) > 20
+        assert s["failed"] == 0, f"rolling restart lost requests: {s['errors']}"
+
+        # stop: exactly the processes in the PID files, nothing else
+        started = cluster.started_pids(run_dir)
+        assert set(started) >= {"supervisor", "nginx", f"replica-{after['replicas'][0]['port']}"}
+        r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert not any(cluster.pid_alive(p) for p in started.values())
+        assert not list(run_dir.glob("*.pid"))
+        assert bystander.poll() is None
+        assert cluster.port_free("127.0.0.1", port)
+    finally:
+        subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
+                       capture_output=True, timeout=60)
+        bystander.kill()
+        bystander.wait()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dockerfile and Kubernetes manifests against the app's settings
+def _dockerfile() -> dict:
+    """ENV (name -> value), EXPOSE ports and the CMD of deploy/Dockerfile (continuation lines joined)."""
+    text = (REPO / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
+    out = {"env": {}, "expose": [], "cmd": None}
+    for line in text.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word == "ENV":
+            for pair in rest.split():
+                k, _, v = pair.partition("=")
+                out["env"][k] = v
+        elif word == "EXPOSE":
+            out["expose"] += [int(p.split("/")[0]) for p in rest.split()]
+        elif word == "CMD":
+            out["cmd"] = json.loads(rest)
+    return out
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_dockerfile_and_k8s_manifests_match_the_app():
+    import yaml
+    app_mod = pytest.importorskip("projects.serve.app")  # builds the app object; models load only at startup
+    settings_env = {f"SERVE_{f.name.upper()}" for f in __import__("dataclasses").fields(app_mod.Settings)}
+    docs = {}
+    for f in sorted((REPO / "deploy" / "k8s").glob("*.yaml")):
+        for d in yaml.safe_load_all(f.read_text()):
+            docs[d["kind"]] = d
+    dep, svc, hpa = docs["Deployment"], docs["Service"], docs["HorizontalPodAutoscaler"]
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    df = _dockerfile()
+
+    # one port everywhere: uvicorn's --port in the image, EXPOSE, containerPort, the Service's target
+    port = int(_flag(df["cmd"], "--port"))
+    assert df["expose"] == [port]
+    assert c["ports"][0]["containerPort"] == port and c["ports"][0]["name"] == "http"
+    assert svc["spec"]["ports"][0]["targetPort"] in ("http", port)
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"] == dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    assert df["cmd"][:2] == ["uvicorn", "projects.serve.app:app"]
+
+    # probes hit the app's real routes, by the port's name
+    paths = {r.path for r in app_mod.app.routes}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["path"] in paths and c[probe]["httpGet"]["port"] == "http"
+    # draining: the pod outlives uvicorn's graceful shutdown plus the preStop sleep
+    graceful = int(_flag(df["cmd"], "--timeout-graceful-shutdown"))
+    pre = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > graceful + pre
+
+    # every SERVE_* variable is a Settings field, and the values parse (from_env raises on either)
+    for env in ({e["name"]: e["value"] for e in c["env"]}, df["env"]):
+        serve = {k: v for k, v in env.items() if k.startswith("SERVE_")}
+        assert set(serve) <= settings_env, set(serve) - settings_env
+        s = app_mod.Settings.from_env(serve)
+        assert str(s.threads) == env["OMP_NUM_THREADS"]          # thread pools sized alike
+    assert c["resources"]["limits"]["cpu"] == {e["name"]: e["value"] for e in c["env"]}["SERVE_THREADS"]
+
+    # the HPA scales this Deployment on the gauge the app exports, with the local autoscaler's target
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    (m,) = hpa["spec"]["metrics"]
+    from prometheus_client import generate_latest
+    exported = generate_latest(app_mod.Metrics().registry).decode()
+    assert f"# TYPE {m['pods']['metric']['name']} gauge" in exported
+    assert m["pods"]["metric"]["name"] == autoscale.QUEUE_METRIC
+    assert float(m["pods"]["target"]["averageValue"]) == autoscale.Autoscaler().target_queue
+    assert hpa["spec"]["minReplicas"] <= dep["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
+def test_down_stops_the_orphans_of_a_killed_supervisor(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--app", "projects.serve.tests.test_scale:standin_app", "--port", str(free_port()),
+            "--replica-port", str(free_range(4)), "--replicas", "2", "--run-dir", str(run_dir)]
+    env = dict(os.environ, SERVE_STANDIN="1", OMP_NUM_THREADS="1")
+    try:
+        r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "up", "--detach", *args], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        started = cluster.started_pids(run_dir)
+        assert len(started) == 4                       # supervisor, nginx, 2 replicas
+        os.kill(started["supervisor"], signal.SIGKILL)  # nobody left to stop the children in order
+        _wait(lambda: not cluster.pid_alive(started["supervisor"]), 10, "the supervisor to die")
+        r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "stopped nginx" in r.stdout, r.stdout + r.stderr
+        assert not any(cluster.pid_alive(p) for p in started.values())
+    finally:
+        subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
+                       capture_output=True, timeout=60)
