@@ -4,7 +4,8 @@
     python -m projects.serve.bench --full         # longer levels, fp32 serving too
     python -m projects.serve.bench --index-dir runs/serve/index-smoke --level-s 2   # a quick smoke run
 
-Needs the index (`make index` = python -m projects.serve.index, ~165k WordNet passages) and nginx.
+Needs an index of >= 100k passages (`make bench-serve` builds runs/serve/index-100k: the first 100k of
+the ~166k WordNet passages) and nginx.
 What it measures, in this order:
   1. the offline ceiling: the same model encoding the same texts in batches of 128 in this process, no
      HTTP, fp32 and bf16 (and bf16's cosine to fp32);
@@ -42,8 +43,9 @@ SLO_NOTE = "p99 of successful requests"
 
 @dataclass
 class BenchConfig:
-    index_dir: str = "runs/serve/index"
-    """the served index (python -m projects.serve.index); ANN goals need >= 100k passages"""
+    index_dir: str = "runs/serve/index-100k"
+    """the served index (`make bench-serve` builds it: python -m projects.serve.index --limit 100000);
+    ANN goals need >= 100k passages"""
     embed_dtype: str = "auto"
     """served embedding dtype: fp32, bf16, or auto = bf16 where it is fast (CUDA, or a CPU with AMX /
     avx512_bf16), else fp32; the ceiling is measured in both where bf16 is fast"""
