@@ -87,6 +87,17 @@ def smoke() -> BenchConfig:
 
 
 # ---------------------------------------------------------------- measuring helpers
+def gemv_gbps(device, dtype, n: int = 49152, k: int = 576, repeats: int = 50) -> float:
+    """Weight bytes / time of one (1, k) x (n, k)^T linear: the shape of SmolLM2's output head, the largest
+    read of a decode step. What the platform's GEMV kernel reaches, next to the bandwidth of a reduction."""
+    w = torch.randn(n, k, dtype=dtype, device=device)
+    x = torch.randn(1, k, dtype=dtype, device=device)
+    for _ in range(5):
+        torch.nn.functional.linear(x, w)
+    t, _ = timed(lambda: [torch.nn.functional.linear(x, w) for _ in range(repeats)], 3, device)
+    return w.numel() * w.element_size() * repeats / t / 1e9
+
+
 def read_bandwidth_gbps(device, repeats: int = 7) -> float:
     """Median read bandwidth of a full reduction over a 512 MiB fp32 tensor (far beyond any cache)."""
     x = torch.ones(128 * 1024 * 1024, dtype=torch.float32, device=device)
@@ -240,6 +251,7 @@ def main(argv=None) -> int:
     from projects.infer.eval import wikitext2_test_text
     from transformers import AutoTokenizer
     bw = read_bandwidth_gbps(device)
+    gemv = {dt: gemv_gbps(device, autocast_dtype(device, dt) or torch.float32) for dt in cfg.dtypes.split(",")}
     combos = []
     for name in cfg.models.split(","):
         for dt in cfg.dtypes.split(","):
@@ -287,6 +299,9 @@ def main(argv=None) -> int:
              **{k: "ms" for k in lens}, **{k: "tokens/s" for k in bcols}}
     notes = [
         f"Measured read bandwidth (torch.sum over 512 MiB fp32, median): {bw:.1f} GB/s; bw_frac is relative to it.",
+        "What one GEMV of the head's shape (1 x 576 by 49152 x 576) reaches with this torch's kernels: " +
+        ", ".join(f"{dt} {v:.1f} GB/s" for dt, v in gemv.items()) + " -- the decode step's largest read; a "
+        "bw_frac far below 1 with this also far below the reduction's bandwidth is the kernel, not the model.",
         "Bytes per decoded token (batch 1): all layer weights + norms + output head (tied: the embedding matrix "
         "once, as the head) + one embedding row + K/V cache in use at the mean context (prompt + N/2). "
         "Our static cache's masked extra slots are not counted.",
@@ -295,14 +310,15 @@ def main(argv=None) -> int:
         "peak_mem_MB on CPU is the process RSS high-water mark over the row (includes the Python runtime).",
     ]
     if gd != "bf16":
-        notes.append(f"The goals are stated for bf16; this machine has no hardware bf16 ({'CPU without avx512_bf16/'
-                     'AMX' if device.type == 'cpu' else device}), where bf16 kernels are emulated and slower than "
-                     f"fp32, so they are judged in {gd} (bf16 rows: --dtypes fp32,bf16).")
+        why = "a CPU without avx512_bf16/AMX" if device.type == "cpu" else str(device)
+        notes.append(f"The goals are stated for bf16; this machine has no hardware bf16 ({why}), where bf16 "
+                     f"kernels are emulated and slower than fp32, so they are judged in {gd} (bf16 rows: "
+                     "--dtypes fp32,bf16).")
     if cfg.smoke:
         notes.insert(0, "SMOKE RUN: tiny settings to check the harness; not a result.")
     rec = make_record("infer", cfg, rows, goals, units=units, columns=columns,
                       preset="smoke" if cfg.smoke else "full" if cfg.full else "default", notes=notes,
-                      libs=["transformers", "safetensors", "gguf"], extra={"read_bandwidth_GBps": bw})
+                      libs=["transformers", "safetensors", "gguf"], extra={"read_bandwidth_GBps": bw, "head_gemv_GBps": gemv})
     path = write_record(rec)
     print(f"wrote {path}", file=sys.stderr)
     return 0
