@@ -23,6 +23,7 @@ import math
 import operator
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from common.provenance import REPO_ROOT, provenance
@@ -80,10 +81,26 @@ def make_record(bench: str, config, rows: list[dict], goals: list[dict], *, unit
         "goals": _plain(goals),
         "notes": list(notes),
         "provenance": provenance(list(libs)),
+        # seconds since this process started (the bench's whole run, model loading and compiles included)
+        "wall_s": round(time.time() - _process_start(), 1),
     }
     if extra:
         rec["extra"] = _plain(extra)
     return rec
+
+
+def _process_start() -> float:
+    """This process's start time (Linux /proc; else the import time of this module)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -64,7 +64,12 @@ def provenance_line(rec: dict) -> str:
             f"`{commit}` on {p['date_utc']}: {m['cpu_model']}, {m['cpu_cores']} cores{feats}, "
             f"{_bytes_h(m.get('total_memory_bytes'))} RAM, {gpu}; torch {p['torch']}"
             f"{', CUDA ' + p['cuda'] if p.get('cuda') else ''}, Python {p['python']}; {libs}. "
-            f"Record: `benchmarks/results/{rec['bench']}.json`.</sub>")
+            f"{_wall(rec)}Record: `benchmarks/results/{rec['bench']}.json`.</sub>")
+
+
+def _wall(rec: dict) -> str:
+    w = rec.get("wall_s")
+    return f"The run took {w / 60:.1f} min. " if isinstance(w, (int, float)) else ""
 
 
 # records written by something other than `make bench-NAME`
