@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from projects.serve.batcher import Batcher, DeadlineExceeded, Overloaded, Timing
 from projects.serve.cache import EmbeddingCache
-from projects.serve.model import DEFAULT_MODEL, Embedder, env_offline
+from projects.serve.model import MAX_SEQ_LEN, DEFAULT_MODEL, Embedder, env_offline
 
 log = logging.getLogger("serve")
 
@@ -620,17 +620,18 @@ async def _embed(st: State, texts: list[str], timing: Timing) -> tuple[list[np.n
     if n["miss"]:
         st.metrics.cache_misses.inc(n["miss"])
     miss = [i for i, v in enumerate(vecs) if v is None]
-    # tokens: the exact count for usage; also the batcher's cost (its token budget)
-    counts = st.embedder.count_tokens_many(texts)
     if miss:
         mtexts = [texts[i] for i in miss]
-        out = await st.embed_batcher.submit_many(mtexts, costs=[counts[i] for i in miss],
-                                                 timeout_s=s.request_timeout_s, timing=timing)
+        # admission first, on an estimated cost (~4 characters a WordPiece token, + [CLS]/[SEP]): under
+        # overload a refusal must not wait behind tokenizer work on the event loop
+        est = [min(len(t) // 4 + 2, MAX_SEQ_LEN) for t in mtexts]
+        out = await st.embed_batcher.submit_many(mtexts, costs=est, timeout_s=s.request_timeout_s,
+                                                 timing=timing)
         st.metrics.queue_time.labels("embed").observe(timing.queue_s)
         for i, v in zip(miss, out):
             vecs[i] = v
         await st.cache.put_many(mtexts, out)
-    return vecs, sum(counts)
+    return vecs, sum(st.embedder.count_tokens_many(texts))   # exact tokens, for usage
 
 
 def _search_fn(index):
