@@ -22,10 +22,10 @@ import json
 import math
 import operator
 import os
-import tempfile
 import time
 from pathlib import Path
 
+from common.files import write_atomic  # noqa: F401  (re-exported: report.py, bench_worker.py)
 from common.provenance import REPO_ROOT, provenance
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -101,21 +101,6 @@ def _process_start() -> float:
 
 
 _IMPORTED = time.time()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_record(rec: dict, results_dir: Path = RESULTS_DIR) -> Path:

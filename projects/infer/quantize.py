@@ -40,7 +40,6 @@ never WikiText-2 test, which perplexity is reported on.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -53,6 +52,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.files import file_sha256, write_atomic
 
 from projects.infer.model import ModelArgs, Transformer, assets_root
 
@@ -423,14 +424,6 @@ def _kinds(model: Transformer) -> dict[str, str]:
     return kinds
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_quantized(model: Transformer, out_dir: str | Path) -> Path:
     """out_dir/model.safetensors + out_dir/quant.json (scheme, per-module kind, args, file hash); atomic."""
     from safetensors.torch import save_file
@@ -454,8 +447,7 @@ def save_quantized(model: Transformer, out_dir: str | Path) -> Path:
             "dtype": str(model.norm.weight.dtype).removeprefix("torch."),
             "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
                         for k, v in sd.items()},
-            "file_bytes": tensors.stat().st_size, "sha256": _sha256(tensors)}
-    from benchmarks.record import write_atomic
+            "file_bytes": tensors.stat().st_size, "sha256": file_sha256(tensors)}
     write_atomic(out_dir / "quant.json", json.dumps(meta, indent=1) + "\n")
     return out_dir
 
@@ -478,7 +470,7 @@ def load_quantized(path: str | Path, device="cpu") -> Transformer:
     size = tensors.stat().st_size
     if size != meta["file_bytes"]:
         raise ValueError(f"{tensors} has {size} bytes, quant.json says {meta['file_bytes']} (truncated or replaced)")
-    if _sha256(tensors) != meta["sha256"]:
+    if file_sha256(tensors) != meta["sha256"]:
         raise ValueError(f"{tensors} does not match the sha256 in quant.json (corrupt or replaced)")
     try:
         # safetensors hands back tensors at arbitrary (here 8-byte) offsets of one buffer; the CPU int8

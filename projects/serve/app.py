@@ -417,7 +417,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         # through a shared Redis
         st.cache = EmbeddingCache(f"{st.embedder.version}/{st.embedder.dtype_name}", max_entries=s.cache_entries, max_bytes=s.cache_bytes,
                                   redis_url=s.redis_url or None)
-        st.embed_batcher = Batcher(st.embedder.encode, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+        st.embed_batcher = Batcher(st.embedder.encode_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
                                    max_queue=s.max_queue, max_batch_cost=s.max_batch_tokens, name="embed",
                                    on_batch=st.metrics.on_batch)
         st.embed_batcher.start()
@@ -620,18 +620,22 @@ async def _embed(st: State, texts: list[str], timing: Timing) -> tuple[list[np.n
     if n["miss"]:
         st.metrics.cache_misses.inc(n["miss"])
     miss = [i for i, v in enumerate(vecs) if v is None]
+    tokens = 0
     if miss:
         mtexts = [texts[i] for i in miss]
         # admission first, on an estimated cost (~4 characters a WordPiece token, + [CLS]/[SEP]): under
         # overload a refusal must not wait behind tokenizer work on the event loop
         est = [min(len(t) // 4 + 2, MAX_SEQ_LEN) for t in mtexts]
         out = await st.embed_batcher.submit_many(mtexts, costs=est, timeout_s=s.request_timeout_s,
-                                                 timing=timing)
+                                                 timing=timing)   # [(vector, tokens)]
         st.metrics.queue_time.labels("embed").observe(timing.queue_s)
-        for i, v in zip(miss, out):
+        for i, (v, _) in zip(miss, out):
             vecs[i] = v
-        await st.cache.put_many(mtexts, out)
-    return vecs, sum(st.embedder.count_tokens_many(texts))   # exact tokens, for usage
+        await st.cache.put_many(mtexts, [v for v, _ in out])
+        tokens = sum(c for _, c in out)   # exact, from the batch's own tokenization
+    missed = set(miss)
+    hits = [t for i, t in enumerate(texts) if i not in missed]   # only cache hits are tokenized here
+    return vecs, tokens + (sum(st.embedder.count_tokens_many(hits)) if hits else 0)
 
 
 def _search_fn(index):

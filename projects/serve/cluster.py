@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import write_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = Path(__file__).with_name("nginx.conf.template")
 
@@ -110,12 +112,6 @@ def parse_config(cls, argv: list[str] | None, description: str, commands: tuple[
     cmd = ns.pop("command", None)
     cfg = cls(**ns)
     return (cmd, cfg) if commands else cfg
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def pid_alive(pid: int) -> bool:

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from projects.serve.model import DEFAULT_MODEL, Embedder, file_sha256
+from common.files import file_sha256
+from projects.serve.model import DEFAULT_MODEL, Embedder
 
 WORDNET_DIR = Path(os.environ.get("WORDNET_DIR", "/usr/share/wordnet"))
 WORDNET_LICENSE = Path("/usr/share/doc/wordnet-base/copyright")

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from projects.serve.cluster import REPO_ROOT, parse_config, write_atomic
+from common.files import write_atomic
+from projects.serve.cluster import REPO_ROOT, parse_config
 
 ROUTES = ("embeddings", "search", "completions")
 REFUSALS = ("429", "503")

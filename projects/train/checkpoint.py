@@ -15,7 +15,6 @@ DCP; DCP unpickles its own .metadata, which is covered by the manifest checksum)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -30,6 +29,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from common.files import file_sha256, write_atomic
 
 from projects.train.parallelize import unwrap
 
@@ -95,21 +96,8 @@ def _tensor_state(model: nn.Module, optimizer) -> tuple[dict, list[dict]]:
     return {"model": msd, "optim": full["state"]}, full["param_groups"]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer, trainer: dict, config: dict, keep: int) -> Path:
@@ -130,7 +118,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer, trainer: dict, conf
         _write_json(tmp / "config.json", config)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"step": step, "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size,
-                                                                      "sha256": _file_digest(p)} for p in files}}
+                                                                      "sha256": file_sha256(p)} for p in files}}
         _write_json(tmp / "manifest.json", manifest)
         if final.exists():  # re-saving the same step (e.g. a resumed run that had nothing left to do)
             shutil.rmtree(final)
@@ -172,7 +160,7 @@ def verify(path: Path) -> None:
         if p.stat().st_size != meta["bytes"]:
             raise CheckpointError(f"checkpoint {path} is truncated: {rel} has {p.stat().st_size} bytes, "
                                   f"expected {meta['bytes']}")
-        if _file_digest(p) != meta["sha256"]:
+        if file_sha256(p) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: sha256 of {rel} does not match its manifest")
     for name in ("trainer.json", ".metadata"):
         if name not in files:

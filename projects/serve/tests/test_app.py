@@ -75,6 +75,10 @@ def test_cache_hits_and_metrics(embedder):
         return a, b, m, ready, health
     a, b, m, ready, health = asyncio.run(main())
     assert a["data"][0]["embedding"] == b["data"][0]["embedding"]
+    # usage is exact whether a text was computed (counted by the batch's tokenization) or a cache hit
+    n = lambda s: len(embedder.tokenizer(s)["input_ids"])  # noqa: E731
+    assert a["usage"]["prompt_tokens"] == n("cached text") + n("other")
+    assert b["usage"]["prompt_tokens"] == n("cached text")
     assert 'serve_cache_hits_total{layer="lru"} 1.0' in m and "serve_cache_misses_total 2.0" in m
     assert 'serve_requests_total{route="/v1/embeddings",status="200"} 2.0' in m
     for name in ("serve_request_duration_seconds_bucket", "serve_batch_size_bucket", 'serve_queue_depth{queue="embed"}'):
@@ -155,9 +159,9 @@ def test_full_queue_answers_503_with_retry_after(embedder):
         def __getattr__(self, name):
             return getattr(embedder, name)
 
-        def encode(self, texts):
+        def encode_batch(self, texts):   # the batcher's function
             gate.wait(10)
-            return embedder.encode(texts)
+            return embedder.encode_batch(texts)
 
     async def main():
         app = create_app(settings(max_queue=2, max_texts=2, max_batch_size=1, max_wait_ms=0), embedder=Slow())
