@@ -175,6 +175,7 @@ class Result:
     status: str            # "200", "503", ... or an exception name ("ConnectError", "timeout")
     first: float = 0.0     # loop time of the first streamed token (completions)
     key: str = ""          # the (first) text sent: tells cache hits from misses afterwards
+    retried: bool = False  # sent twice: the first connection closed before any response (see send)
 
     @property
     def latency(self) -> float:
@@ -182,31 +183,46 @@ class Result:
 
 
 async def send(client, route: str, path: str, body: dict, scheduled: float, timeout_s: float) -> Result:
+    """One request. A keep-alive connection the server closed just as this request went out (nginx closes
+    idle client connections when a reload retires its old workers) fails before any response byte: the
+    request never reached an app, so it is sent once more on a fresh connection, as RFC 9112 9.3.1 lets a
+    client do; every endpoint here is a pure function of its body. Counted in `retried`, never hidden."""
     import httpx
     loop = asyncio.get_running_loop()
     sent = loop.time()
     first = 0.0
-    try:
-        async with asyncio.timeout(timeout_s):
-            if route == "completions" and body.get("stream"):
-                async with client.stream("POST", path, json=body) as resp:
+    retried = False
+    answered = False  # a response (status line) arrived: no retry past this point
+    while True:
+        try:
+            async with asyncio.timeout(timeout_s - (loop.time() - sent)):
+                if route == "completions" and body.get("stream"):
+                    async with client.stream("POST", path, json=body) as resp:
+                        answered = True
+                        status = str(resp.status_code)
+                        done_marker = False
+                        async for line in resp.aiter_lines():
+                            if line.startswith("data:"):
+                                first = first or loop.time()
+                                done_marker |= line.strip() == "data: [DONE]"
+                        if status == "200" and not done_marker:
+                            status = "incomplete_stream"   # the stream was cut before [DONE]
+                else:
+                    resp = await client.post(path, json=body)
                     status = str(resp.status_code)
-                    done_marker = False
-                    async for line in resp.aiter_lines():
-                        if line.startswith("data:"):
-                            first = first or loop.time()
-                            done_marker |= line.strip() == "data: [DONE]"
-                    if status == "200" and not done_marker:
-                        status = "incomplete_stream"   # the stream was cut before [DONE]
-            else:
-                resp = await client.post(path, json=body)
-                status = str(resp.status_code)
-    except TimeoutError:
-        status = "timeout"
-    except httpx.HTTPError as e:
-        status = type(e).__name__
+        except TimeoutError:
+            status = "timeout"
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as e:
+            if not (answered or retried):
+                retried = True
+                continue
+            status = type(e).__name__
+        except httpx.HTTPError as e:
+            status = type(e).__name__
+        break
     key = body.get("input", body.get("query", body.get("prompt", "")))
-    return Result(route, scheduled, sent, loop.time(), status, first, key if isinstance(key, str) else key[0])
+    return Result(route, scheduled, sent, loop.time(), status, first, key if isinstance(key, str) else key[0],
+                  retried)
 
 
 def _pct(xs, q: float) -> float | None:
@@ -219,7 +235,7 @@ def summarize(results: list[Result], t0: float, offered_rps: float, duration_s: 
     if not results:  # (a very low rate over a short level can draw no arrival at all)
         return {"offered_rps": offered_rps, "sent": 0, "ok": 0, "achieved_rps": 0.0, "goodput_rps": 0.0,
                 "goodput_fraction": None, "p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None,
-                "errors": {}, "failed": 0, "refused": 0, "reject_p99_ms": None, "send_lag_p99_ms": None,
+                "errors": {}, "failed": 0, "retried": 0, "refused": 0, "reject_p99_ms": None, "send_lag_p99_ms": None,
                 "wall_s": duration_s, "by_route": {}}
     end = max(r.done for r in results)
     wall = max(duration_s, end - t0)
@@ -243,6 +259,7 @@ def summarize(results: list[Result], t0: float, offered_rps: float, duration_s: 
         "max_ms": ms(max(lat) if lat else None),
         "errors": dict(Counter(r.status for r in results if r.status != "200")),
         "failed": len(results) - len(ok),
+        "retried": sum(r.retried for r in results),
         "refused": len(refused),
         "reject_p99_ms": ms(_pct(refused, 99)),
         "send_lag_p99_ms": ms(_pct([r.sent - r.scheduled for r in results], 99)),
@@ -333,7 +350,7 @@ def format_row(s: dict) -> str:
     f = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
     return (f"offered {s['offered_rps']:7.1f}/s  achieved {s['achieved_rps']:7.1f}/s  goodput "
             f"{s['goodput_rps']:7.1f}/s  p50 {f(s['p50_ms'])} p90 {f(s['p90_ms'])} p99 {f(s['p99_ms'])} "
-            f"max {f(s['max_ms'])} ms  errors {s['errors'] or 0}  lag p99 {f(s['send_lag_p99_ms'])} ms")
+            f"max {f(s['max_ms'])} ms  errors {s['errors'] or 0}  retried {s['retried']}  lag p99 {f(s['send_lag_p99_ms'])} ms")
 
 
 async def _main(cfg: LoadConfig) -> dict:

@@ -277,6 +277,38 @@ def test_latency_counts_from_the_schedule_so_a_stall_is_not_hidden():
     assert s["max_ms"] >= 400
 
 
+def test_a_connection_closed_before_any_response_is_sent_once_more_and_counted():
+    # What an nginx reload does to a client: an idle keep-alive connection is closed as the next request
+    # goes out. The request never reached an app; the load generator resends it once, and says so.
+    async def go(close_first: int):
+        conns = []
+
+        async def handle(reader, writer):
+            conns.append(1)
+            await reader.readuntil(b"\r\n\r\n")
+            if len(conns) <= close_first:
+                writer.close()   # no status line: "Server disconnected without sending a response"
+                return
+            body = b'{"data": []}'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, loadtest.make_client(f"http://127.0.0.1:{port}") as c:
+            r = await loadtest.send(c, "embeddings", "/v1/embeddings", {"input": "x"}, 0.0, timeout_s=5)
+        return r, len(conns)
+
+    r, n = asyncio.run(go(close_first=1))
+    assert (r.status, r.retried, n) == ("200", True, 2)
+    r, n = asyncio.run(go(close_first=2))        # once only: a server that keeps failing is a failure
+    assert (r.status, r.retried, n) == ("RemoteProtocolError", True, 2)
+    s = loadtest.summarize([r], t0=0.0, offered_rps=1.0, duration_s=1.0, slo_s=1.0)
+    assert (s["failed"], s["retried"]) == (1, 1)
+
+
 # --------------------------------------------------------------------------------------------------------
 # autoscaler policy and metrics
 def test_histogram_quantile_and_metrics_parsing():
