@@ -56,7 +56,7 @@ class BenchConfig:
                               metadata={"help": "model:dtype pairs that get the compiled rows ('all' = every)"})
     prompt_lens: str = field(default="128,512", metadata={"help": "TTFT prompt lengths (tokens)"})
     batch_sizes: str = field(default="1,8", metadata={"help": "decode batch sizes"})
-    new_tokens: int = field(default=200, metadata={"help": "tokens generated per decode measurement"})
+    new_tokens: int = field(default=128, metadata={"help": "tokens generated per decode measurement"})
     repeats: int = field(default=1, metadata={"help": "timed repeats per measurement after one warm-up"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})

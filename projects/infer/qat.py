@@ -73,8 +73,10 @@ def fake_linears(model):
 
 
 def qat_finetune(model, teacher, ids: torch.Tensor, steps: int = 20, lr: float = 1e-5, batch: int = 4,
-                 progress: bool = True) -> list[float]:
-    """KL(teacher || student) on calibration ids (n, T), Adam on the fake-quant weights; returns losses."""
+                 progress: bool = True, bf16: bool = False) -> list[float]:
+    """KL(teacher || student) on calibration ids (n, T), Adam on the fake-quant weights; returns losses.
+    bf16: forward/backward matmuls under bf16 autocast (fp32 master weights, fp32 softmax and loss); only
+    worth it where bf16 runs in hardware (common.device.bf16_native), where it halves a step."""
     params = [m.weight for m in fake_linears(model)]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -86,9 +88,10 @@ def qat_finetune(model, teacher, ids: torch.Tensor, steps: int = 20, lr: float =
     for step in tqdm(range(steps), desc="qat", disable=not progress, leave=False):
         i = (step * batch) % ids.shape[0]
         x = ids[i:i + batch]
-        with torch.no_grad():
-            t = F.log_softmax(teacher(x).float(), -1)                           # (B, T, V)
-        s = F.log_softmax(model(x).float(), -1)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                t = F.log_softmax(teacher(x).float(), -1)                       # (B, T, V)
+            s = F.log_softmax(model(x).float(), -1)
         loss = F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()

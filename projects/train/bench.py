@@ -231,7 +231,8 @@ def plan(cfg: BenchConfig, device_type: str, n_gpus: int, bf16_fast: bool, data_
         one += [{**srun(s, hi), "warmup": min(cfg.warmup, 1)} for s in STRATEGIES[1:]]
         if low != hi:
             one += [srun("ddp", low, profile=True)]
-        if bf16_fast:  # fusion pays when bf16 convolutions leave the fp32 elementwise ops as the bottleneck
+        if cuda:  # fusion pays when fast bf16 convolutions leave the elementwise ops as the bottleneck; on a
+            # CPU inductor's compile of the step takes minutes of a ~7-minute preset: --full has it there
             one += [srun("ddp", low, comp=True, profile=True)]
         out[1] = one
         for w in worlds[1:]:
@@ -533,10 +534,10 @@ def goals_and_notes(ok, rows, base, two_threads, flops, probe_info, cfg, device_
     if cfg.preset == "default":
         notes.append("Preset default: the subset answering every goal; `--full` adds NCHW vs channels_last and "
                      "torch.compile for every strategy, precision and world size, and DDP bucket sizes."
-                     + ("" if probe_info.get("bf16_fast") else " torch.compile is left to --full here: with fp32 "
-                        "convolutions bound by the GEMM rate, fusing BatchNorm/ReLU/adds can win only their share "
-                        "of the step (see the profiles in extra.profiles), while inductor's CPU compile of the 16 "
-                        "blocks (forward + backward) takes minutes on 2 cores."))
+                     + ("" if device_type == "cuda" else " torch.compile is left to --full on a CPU: fusing "
+                        "BatchNorm/ReLU/adds can win only their share of the step (see the profiles in "
+                        "extra.profiles), while inductor's CPU compile of the 16 blocks (forward + backward) takes "
+                        "minutes on 2 cores."))
     bad = [r for r in rows if "error" in r]
     for r in bad:
         notes.append(f"{r['config']} (world size {r['world']}) failed: {r['error']}")

@@ -217,7 +217,8 @@ def test_gptq_and_awq_models_beat_rtn_output_error(stories):
 
 
 @pytest.mark.slow
-def test_qat_converts_to_real_int4_and_lowers_kl(stories):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_qat_converts_to_real_int4_and_lowers_kl(stories, bf16):
     import copy
 
     from projects.infer.qat import FakeQuantLinear, convert_qat, prepare_qat, qat_finetune
@@ -226,8 +227,9 @@ def test_qat_converts_to_real_int4_and_lowers_kl(stories):
     teacher = copy.deepcopy(model)
     prepare_qat(model, "int4", 32)
     ids = Q.calibration_ids(tok, 16, 128)
-    losses = qat_finetune(model, teacher, ids, steps=30, lr=1e-3, batch=4, progress=False)
+    losses = qat_finetune(model, teacher, ids, steps=30, lr=1e-3, batch=4, progress=False, bf16=bf16)
     assert sum(losses[-5:]) < sum(losses[:5])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 masters
     fq = model.layers[0].feed_forward.w1
     assert isinstance(fq, FakeQuantLinear)
     x = torch.randn(3, fq.in_features)
