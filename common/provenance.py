@@ -22,9 +22,16 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+# The harness's own outputs: one `make bench` rewrites them bench after bench, and a record must not call the
+# next bench's tree dirty because the previous bench wrote its result.
+HARNESS_OUTPUTS = ("benchmarks/results", "docs/*.png")
+
+
 def git_info() -> dict:
+    """commit, and dirty = tracked files other than the harness's outputs differ from it."""
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  *(f":(exclude){p}" for p in HARNESS_OUTPUTS))
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

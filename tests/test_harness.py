@@ -115,3 +115,21 @@ def test_unknown_bench_is_a_clear_error():
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "unknown bench 'nosuch'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dirty_means_source_changes_not_the_harness_outputs(tmp_path, monkeypatch):
+    for f in ("src.py", "benchmarks/results/train.json", "docs/plot.png"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("0")
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,  # noqa: E731
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+    assert provenance.git_info()["dirty"] is False
+    (tmp_path / "benchmarks/results/train.json").write_text("1")   # the previous bench of one `make bench`
+    (tmp_path / "docs/plot.png").write_text("1")
+    assert provenance.git_info()["dirty"] is False
+    (tmp_path / "src.py").write_text("1")
+    assert provenance.git_info()["dirty"] is True
