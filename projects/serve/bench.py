@@ -62,6 +62,13 @@ class BenchConfig:
     max_queue: int = 64
     """queued texts per replica before refusing: bounds the wait to ~max_queue / capacity, so accepted
     requests keep their SLO under overload and the excess is refused at once"""
+    max_inflight: int = 32
+    """front-door admission: requests nginx lets through at once per replica (cluster --max-inflight), one
+    full batch: a request then waits about one batch behind the one computing, and the rest is refused by
+    nginx at once instead of queueing in sockets and event loops (0 = off: the replicas' queues refuse)"""
+    nice: int = 10
+    """replicas' niceness: the load generator shares the 2 cores, and its CPU (a real client's own machine)
+    must not show up as server latency, nor the client starve while the replicas compute"""
     zipf: float = 1.1
     """Zipf exponent of the cache experiment's query stream"""
     pool: int = 10000
@@ -159,7 +166,10 @@ class Served:
         self.url = f"http://127.0.0.1:{cfg.port}"
         self.args = ["--run-dir", str(self.run_dir), "--port", str(cfg.port), "--replica-port",
                      str(cfg.port + 11), "--replicas", str(replicas), "--threads", str(threads),
-                     "--graceful-s", "10", "--ready-timeout-s", "300"] + (["--pin"] if pin else [])
+                     "--graceful-s", "10", "--ready-timeout-s", "300", "--max-inflight", str(cfg.max_inflight),
+                     "--nice", str(cfg.nice)] + (["--pin"] if pin else [])
+        # closed-loop capacity runs this many users: no more than nginx admits (refused users would spin)
+        self.concurrency = min(64, cfg.max_queue, cfg.max_inflight * replicas or 64)
         self.env = {**os.environ, **env}
         self.name = name
 
@@ -214,17 +224,16 @@ def at_slo(levels: list[dict], slo_ms: float) -> float:
     return max(ok) if ok else 0.0
 
 
-async def _capacity_and_sweep(url: str, wl, cfg: BenchConfig, levels: list[float], seed: int):
-    async with loadtest.make_client(url) as c:
-        cap = await loadtest.measure_capacity(c, wl, cfg.capacity_s, concurrency=min(64, cfg.max_queue),
-                                              seed=seed)
+async def _capacity_and_sweep(served: Served, wl, cfg: BenchConfig, levels: list[float], seed: int):
+    async with loadtest.make_client(served.url) as c:
+        cap = await loadtest.measure_capacity(c, wl, cfg.capacity_s, concurrency=served.concurrency, seed=seed)
         rows = await loadtest.sweep(c, wl, cap, levels, cfg.level_s, slo_ms=cfg.slo_ms, timeout_s=30, seed=seed)
     return cap, rows
 
 
 def sweep_experiment(served: Served, wl, cfg: BenchConfig, levels: list[float], seed: int) -> dict:
     rss0 = served.replica_rss_mb()
-    cap, rows = asyncio.run(_capacity_and_sweep(served.url, wl, cfg, levels, seed))
+    cap, rows = asyncio.run(_capacity_and_sweep(served, wl, cfg, levels, seed))
     st = served.state()
     return {"capacity_rps": cap, "levels": rows, "slo_rps": at_slo(rows, cfg.slo_ms),
             "rss_mb_before": rss0, "rss_mb_after": served.replica_rss_mb(),
@@ -249,13 +258,13 @@ def cache_experiment(served: Served, cfg: BenchConfig, texts: list[str], seed: i
         async with loadtest.make_client(served.url) as c:
             cap = None
             if rate is None:
-                cap = await loadtest.measure_capacity(c, wl, cfg.capacity_s, min(64, cfg.max_queue), seed=seed)
+                cap = await loadtest.measure_capacity(c, wl, cfg.capacity_s, served.concurrency, seed=seed)
             c0 = counts()
             s, res = await loadtest.run_level(c, wl, rate or 0.5 * cap, cfg.level_s, slo_ms=cfg.slo_ms,
                                               seed=seed + 1)
             c1 = counts()
             if cap is None:
-                cap = await loadtest.measure_capacity(c, wl, cfg.capacity_s, min(64, cfg.max_queue), seed=seed)
+                cap = await loadtest.measure_capacity(c, wl, cfg.capacity_s, served.concurrency, seed=seed)
             return cap, s, res, c0, c1
     cap, s, res, c0, c1 = asyncio.run(go())
     hits, misses = c1[0] - c0[0], c1[1] - c0[1]
@@ -487,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     notes += [
         f"Load generator (open loop, Poisson arrivals, latency from the scheduled send time) on the same "
         f"{os.cpu_count()} cores as the service; 1 text per embeddings request, WordNet passages.",
-        f"Queues bounded at {cfg.max_queue} texts per replica; overload is refused with 429 + Retry-After.",
+        f"Overload is refused with 429 + Retry-After: by nginx past {cfg.max_inflight} requests in flight per "
+        f"replica (limit_conn; the replica never sees them), and by a replica past {cfg.max_queue} queued texts. "
+        f"Replicas run at nice {cfg.nice} so the load generator keeps the CPU a client on its own machine has.",
         "Continuous vs request-level batching for generation is not compared here (the service has the "
         "continuous one only).",
     ]

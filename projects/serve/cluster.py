@@ -75,6 +75,13 @@ class ClusterConfig:
     """passive health check: how long a failed replica is skipped"""
     next_upstream_tries: int = 3
     """at most this many replicas tried per request"""
+    max_inflight: int = 64
+    """front-door admission: embeddings + search requests nginx lets through at once, per ready replica;
+    past it nginx itself answers 429 + Retry-After in microseconds and the replicas never see the excess
+    (0 = no limit at nginx; the replicas' bounded queues still refuse, but each refusal costs their event loop)"""
+    nice: int = 0
+    """scheduling niceness of the replicas (the serving bench uses 10: its load generator shares the cores,
+    and a client's CPU is not the server's to take)"""
     graceful_s: int = 30
     """on SIGTERM a replica drains in-flight requests for up to this long (uvicorn --timeout-graceful-shutdown)"""
     ready_timeout_s: float = 300.0
@@ -173,6 +180,9 @@ def render_nginx(cfg: ClusterConfig, run_dir: Path, servers: list[tuple[int, boo
         "stream_read_timeout_s": "300",
         "next_upstream_tries": str(cfg.next_upstream_tries),
         "next_upstream_timeout_s": "30",
+        # one shared counter (zone) for the whole server, so the limit holds across nginx workers
+        "inflight_limit": (f"limit_conn inflight {cfg.max_inflight * max(1, sum(up for _, up in servers))};"
+                           if cfg.max_inflight > 0 else "# no front-door limit (--max-inflight 0)"),
     }
     text = TEMPLATE.read_text()
     for k, v in values.items():
@@ -288,6 +298,8 @@ class Cluster:
                # longer than nginx keeps idle upstream connections (keepalive_timeout in the upstream block):
                # otherwise nginx reuses a connection uvicorn just closed and a non-retried POST gets a 502
                "--timeout-keep-alive", "75"]
+        if cfg.nice:
+            cmd = ["nice", "-n", str(cfg.nice)] + cmd
         if cfg.pin and shutil.which("taskset"):
             slot = sorted({r.port for r in self.replicas} | {port}).index(port)
             cmd = ["taskset", "-c", self._cores(slot)] + cmd

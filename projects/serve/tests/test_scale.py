@@ -125,6 +125,11 @@ def test_nginx_template_renders_with_the_routing_rules(tmp_path):
     assert "proxy_buffering off;" in comp and "non_idempotent" not in comp
     # non_idempotent nowhere but the idempotent routes
     assert sum("non_idempotent;" in b for b in blocks.values()) == 1
+    # front-door admission on the idempotent routes, scaled by the replicas that are up (1 of 2 here)
+    assert "limit_conn inflight 64;" in idem and "error_page 429 = @overloaded;" in idem
+    assert "add_header Retry-After 1 always;" in blocks["@overloaded"]
+    off = cluster.render_nginx(cluster.ClusterConfig(max_inflight=0), tmp_path, [(18101, True)])
+    assert "limit_conn inflight" not in off
     with pytest.raises(ValueError):
         cluster.render_nginx(cfg, tmp_path, [])
 
@@ -460,6 +465,45 @@ def _dockerfile() -> dict:
 
 def _flag(cmd: list[str], name: str) -> str:
     return cmd[cmd.index(name) + 1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
+def test_nginx_refuses_past_max_inflight_without_waiting(tmp_path):
+    # 1 replica, 2 requests admitted at once: of 8 simultaneous slow (0.2 s) embeddings, 2 are served and
+    # 6 refused by nginx itself -- 429, Retry-After, the app's error shape -- before any slot frees up
+    import httpx
+    run_dir = tmp_path / "run"
+    port, base = free_port(), free_range(4)
+    args = ["--app", "projects.serve.tests.test_scale:standin_app", "--port", str(port), "--replica-port",
+            str(base), "--replicas", "1", "--run-dir", str(run_dir), "--max-inflight", "2", "--nice", "5"]
+    env = dict(os.environ, SERVE_STANDIN="1", OMP_NUM_THREADS="1")
+    try:
+        r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "up", "--detach", *args], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=90)
+        assert r.returncode == 0, r.stderr
+        assert "limit_conn inflight 2;" in (run_dir / "nginx.conf").read_text()
+        pid = _state(run_dir)["replicas"][0]["pid"]
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 5
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+                async def one(i):
+                    t0 = time.perf_counter()
+                    resp = await c.post("/v1/embeddings", json={"input": f"slow {i}"})
+                    return resp, time.perf_counter() - t0
+                return await asyncio.gather(*(one(i) for i in range(8)))
+
+        got = asyncio.run(burst())
+        ok = [t for resp, t in got if resp.status_code == 200]
+        refused = [(resp, t) for resp, t in got if resp.status_code == 429]
+        assert (len(ok), len(refused)) == (2, 6), [resp.status_code for resp, _ in got]
+        assert all(resp.headers["retry-after"] == "1" and resp.json()["error"]["type"] == "overloaded"
+                   for resp, _ in refused)
+        assert max(t for _, t in refused) < min(ok)   # refused at once, not after a slot freed
+    finally:
+        subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
+                       capture_output=True, timeout=60)
 
 
 def test_dockerfile_and_k8s_manifests_match_the_app():
