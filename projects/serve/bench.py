@@ -62,11 +62,10 @@ class BenchConfig:
     max_queue: int = 64
     """queued texts per replica before refusing: bounds the wait to ~max_queue / capacity, so accepted
     requests keep their SLO under overload and the excess is refused at once"""
-    max_inflight: int = 48
-    """front-door admission: requests nginx lets through at once per replica (cluster --max-inflight): a
-    full batch computing and half of the next filling, so an admitted request waits at most ~1.5 batch
-    times and the rest is refused by nginx at once instead of queueing in sockets and event loops (0 = off:
-    the replicas' queues refuse)"""
+    max_inflight: int = 32
+    """front-door admission: requests nginx lets through at once per replica (cluster --max-inflight), one
+    full batch: a request then waits about one batch behind the one computing, and the rest is refused by
+    nginx at once instead of queueing in sockets and event loops (0 = off: the replicas' queues refuse)"""
     nice: int = 10
     """replicas' niceness: the load generator shares the 2 cores, and its CPU (a real client's own machine)
     must not show up as server latency, nor the client starve while the replicas compute"""
