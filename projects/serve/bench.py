@@ -502,6 +502,16 @@ def main(argv: list[str] | None = None) -> int:
         "Continuous vs request-level batching for generation is not compared here (the service has the "
         "continuous one only).",
     ]
+    for lv in over:   # a client behind its own schedule measures itself as much as the service
+        if (lv["send_lag_p99_ms"] or 0) > 50:
+            notes.append(f"At {lv['load_fraction']:g}x capacity ({lv['offered_rps']:.0f} req/s offered) the load "
+                         f"generator fell behind its own schedule (send lag p99 {lv['send_lag_p99_ms']:.0f} ms) on "
+                         f"the cores it shares with nginx and the replica: that level's latencies, refusal times and "
+                         f"goodput measure the 2-core client as much as the service.")
+        elif lv["refused"]:
+            notes.append(f"At {lv['load_fraction']:g}x capacity: {lv['refused']} refused (p99 "
+                         f"{lv['reject_p99_ms']:.0f} ms to the 429), goodput {lv['goodput_rps']:.0f} req/s of a "
+                         f"{peak:.0f} req/s peak, accepted p99 {lv['p99_ms'] or 0:.0f} ms.")
     if "bf16_cosine_min" in ceil:
         notes.append(f"bf16 embeddings vs fp32 cosine: min {ceil['bf16_cosine_min']:.4f}, "
                      f"mean {ceil['bf16_cosine_mean']:.5f}.")
