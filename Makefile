@@ -15,8 +15,8 @@ export HF_HUB_OFFLINE ?= $(MLSYS_OFFLINE)
 export WANDB_MODE ?= offline
 # The served FAISS index (`make index`, all ~166k WordNet passages); INDEX_LIMIT=N builds it over the first N.
 INDEX_DIR ?= runs/serve/index
-# The serving bench's index: the first 100k passages (the ANN goals are stated on >= 100k), so that a fresh
-# `make bench` fits its 25 minutes on 2 cores (the encoding is most of it: bf16 where the CPU does bf16).
+# The serving bench's index: the first 100k passages (the ANN goals are stated on >= 100k), to keep a fresh
+# `make bench` near its 25-minute budget on 2 cores (the encoding is most of it: bf16 where the CPU does bf16).
 BENCH_INDEX_DIR ?= runs/serve/index-100k
 
 .PHONY: help env system-deps test test-fast bench bench-train bench-infer bench-quant bench-serve report \
