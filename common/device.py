@@ -56,6 +56,11 @@ def bf16_native(device: torch.device | str = "cpu") -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def fast_dtype(device: torch.device | str = "auto") -> str:
+    """"bf16" where bf16 runs in hardware on `device` ("auto": the device get_device picks), else "fp32"."""
+    return "bf16" if bf16_native(get_device(device) if device == "auto" else device) else "fp32"
+
+
 def synchronize(device: torch.device | str | None = None) -> None:
     """Wait for queued device work so a host-side timer measures it (no-op on CPU)."""
     dev = torch.device(device) if device is not None else None

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.record import goal, make_record, write_record
-from common.device import autocast_dtype, bf16_native, get_device, synchronize
+from common.device import autocast_dtype, fast_dtype, get_device, synchronize
 from common.memory import peak_memory_bytes, reset_peak_memory, tensor_bytes
 from projects.infer.generate import compile_decode, generate, parse_config
 from projects.infer.model import load, resolve
@@ -62,11 +62,6 @@ class BenchConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
     full: bool = field(default=False, metadata={"help": "the full preset"})
     smoke: bool = field(default=False, metadata={"help": "a seconds-long harness check (not a result)"})
-
-
-def fast_dtype() -> str:
-    """The dtype the goals are judged in: bf16 where the hardware runs it, else fp32 (see bf16_native)."""
-    return "bf16" if bf16_native(get_device("auto")) else "fp32"
 
 
 def default() -> BenchConfig:

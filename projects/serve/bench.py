@@ -332,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.embed_dtype not in ("auto", "fp32", "bf16"):
         print(f"error: --embed-dtype must be auto, fp32 or bf16, got {cfg.embed_dtype!r}", file=sys.stderr)
         return 2
-    from common.device import bf16_native, get_device
-    bf16_ok = bf16_native(get_device("auto"))
+    from common.device import fast_dtype
+    bf16_ok = fast_dtype() == "bf16"
     if cfg.embed_dtype == "auto":
-        cfg = dataclasses.replace(cfg, embed_dtype="bf16" if bf16_ok else "fp32")
+        cfg = dataclasses.replace(cfg, embed_dtype=fast_dtype())
     try:
         import uvloop   # a faster client loop: the load generator shares the CPU with the service
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
     import torch
     if cfg.dtype == "auto":
-        from common.device import bf16_native, get_device
-        cfg = dataclasses.replace(cfg, dtype="bf16" if bf16_native(get_device("auto")) else "fp32")
+        from common.device import fast_dtype
+        cfg = dataclasses.replace(cfg, dtype=fast_dtype())
     from projects.serve.model import env_offline
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
