@@ -207,9 +207,11 @@ async def send(client, route: str, path: str, body: dict, scheduled: float, time
                                 done_marker |= line.strip() == "data: [DONE]"
                         if status == "200" and not done_marker:
                             status = "incomplete_stream"   # the stream was cut before [DONE]
-                else:
-                    resp = await client.post(path, json=body)
-                    status = str(resp.status_code)
+                else:   # (streamed too, so `answered` is exact: a body cut after the status is not resent)
+                    async with client.stream("POST", path, json=body) as resp:
+                        answered = True
+                        status = str(resp.status_code)
+                        await resp.aread()
         except TimeoutError:
             status = "timeout"
         except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as e:
