@@ -102,16 +102,49 @@ class Embedder:
 
     @torch.inference_mode()
     def encode_counted(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        """encode(), plus each text's token count after truncation (for usage, without tokenizing twice)."""
+        """encode(), plus each text's token count after truncation (for usage, without tokenizing twice).
+
+        The texts are tokenized unpadded, sorted by length and cut into sub-batches of similar length
+        (`length_buckets`): a served batch mixes 5- and 60-token texts, and padding all of them to the
+        longest wasted ~40% of the compute. A sub-batch of equal lengths runs without an attention mask."""
         if not texts:
             return np.zeros((0, self.dim), np.float32), []
         with self._lock:
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_SEQ_LEN,
-                                 return_tensors="pt").to(self.device)
-            hidden = self.model(**enc).last_hidden_state                 # (B, T, D)
-            mask = enc["attention_mask"].unsqueeze(-1).to(torch.float32)  # (B, T, 1)
-            # mean over real tokens only, in fp32 whatever the model dtype
-            pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, D)
-            out = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            return out.cpu().numpy().astype(np.float32, copy=False), enc["attention_mask"].sum(1).tolist()
+            ids = self.tokenizer(texts, truncation=True, max_length=MAX_SEQ_LEN)["input_ids"]
+            lens = [len(x) for x in ids]
+            out = np.empty((len(texts), self.dim), np.float32)
+            for chunk in length_buckets(lens):
+                T = lens[chunk[-1]]                                    # the longest: chunks are sorted
+                x = np.full((len(chunk), T), self.tokenizer.pad_token_id, np.int64)
+                m = np.zeros((len(chunk), T), np.int64)
+                for j, i in enumerate(chunk):
+                    x[j, :lens[i]] = ids[i]
+                    m[j, :lens[i]] = 1
+                mask = torch.from_numpy(m).to(self.device)             # (b, T)
+                uniform = lens[chunk[0]] == T
+                hidden = self.model(input_ids=torch.from_numpy(x).to(self.device),
+                                    attention_mask=None if uniform else mask).last_hidden_state  # (b, T, D)
+                w = mask.unsqueeze(-1).to(torch.float32)                # (b, T, 1)
+                # mean over real tokens only, in fp32 whatever the model dtype
+                pooled = (hidden.float() * w).sum(1) / w.sum(1).clamp(min=1e-9)  # (b, D)
+                out[chunk] = torch.nn.functional.normalize(pooled, p=2, dim=1).cpu().numpy()
+            return out, lens
 
+
+# A forward's fixed cost (kernel launches, Python, the mask) in padded-token units: measured here as
+# ~10 ms for a batch of one on 2 threads against ~0.14 ms per token in large batches, i.e. ~70 tokens.
+FORWARD_COST_TOKENS = 64
+
+
+def length_buckets(lens: list[int], forward_cost: int = FORWARD_COST_TOKENS) -> list[list[int]]:
+    """Indices sorted by length, cut into runs: a text starts a new run when taking it into the current
+    one would add more padding to that run's members than a separate forward costs. (b, T) sub-batches
+    then waste little on padding and few forwards are spent on it."""
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and len(runs[-1]) * (lens[i] - lens[runs[-1][-1]]) <= forward_cost:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs

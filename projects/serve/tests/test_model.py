@@ -28,3 +28,20 @@ def test_batched_equals_alone(embedder):
 def test_version_names_model_and_weights(embedder):
     assert embedder.version.startswith("sentence-transformers/all-MiniLM-L6-v2@")
     assert len(embedder.weights_sha256) == 64
+
+
+def test_length_buckets_cut_where_padding_costs_more_than_a_forward():
+    from projects.serve.model import length_buckets
+    lens = [30, 5, 6, 5, 31, 7, 120]
+    runs = length_buckets(lens, forward_cost=8)
+    assert sorted(i for r in runs for i in r) == list(range(len(lens)))   # every text exactly once
+    assert [[lens[i] for i in r] for r in runs] == [[5, 5, 6, 7], [30, 31], [120]]
+    assert length_buckets([], 8) == [] and length_buckets([9] * 5, 0) == [[0, 1, 2, 3, 4]]
+
+
+def test_mixed_lengths_match_unpadded_and_count_tokens(embedder):
+    texts = ["cat", "a much longer text about cats and dogs " * 5, "dog", "a text of medium length here"]
+    vecs, counts = embedder.encode_counted(texts)
+    alone = np.stack([embedder.encode([t])[0] for t in texts])
+    assert (vecs * alone).sum(1).min() >= 0.9999
+    assert counts == [len(x) for x in embedder.tokenizer(texts)["input_ids"]]
