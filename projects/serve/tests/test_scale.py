@@ -309,7 +309,7 @@ def test_a_connection_closed_before_any_response_is_sent_once_more_and_counted()
     r, n = asyncio.run(go(close_first=1))
     assert (r.status, r.retried, n) == ("200", True, 2)
     r, n = asyncio.run(go(close_first=2))        # once only: a server that keeps failing is a failure
-    assert (r.status, r.retried, n) == ("RemoteProtocolError", True, 2)
+    assert (r.status, r.retried, n) == ("ServerDisconnectedError", True, 2)
     s = loadtest.summarize([r], t0=0.0, offered_rps=1.0, duration_s=1.0, slo_s=1.0)
     assert (s["failed"], s["retried"]) == (1, 1)
 
