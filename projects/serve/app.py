@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import uuid
@@ -40,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from projects.serve.batcher import Batcher, DeadlineExceeded, Overloaded, Timing
 from projects.serve.cache import EmbeddingCache
-from projects.serve.model import MAX_SEQ_LEN, DEFAULT_MODEL, Embedder, env_offline
+from projects.serve.model import MAX_SEQ_LEN, DEFAULT_MODEL, Embedder, EmbedderProcess, WorkerDied, env_offline
 
 log = logging.getLogger("serve")
 
@@ -59,6 +60,9 @@ class Settings:
     """auto (CUDA when present), cpu or cuda"""
     threads: int = 0
     """torch and faiss threads per process (0 = library default)"""
+    embed_worker: bool = True
+    """run the embedding model in its own process (model.EmbedderProcess): it then shares no GIL with the
+    event loop; off = in this process"""
     index_dir: str = "runs/serve/index"
     """index folder from `python -m projects.serve.index`; empty = no /v1/search"""
     index_exact: bool = False
@@ -372,7 +376,9 @@ def load_components(s: Settings):
         torch.set_num_threads(s.threads)
         import faiss
         faiss.omp_set_num_threads(s.threads)
-    embedder = Embedder(s.embed_model, offline=s.offline or env_offline(), dtype=s.embed_dtype, device=s.device)
+    kw = dict(offline=s.offline or env_offline(), dtype=s.embed_dtype, device=s.device)
+    embedder = EmbedderProcess(s.embed_model, threads=s.threads, **kw) if s.embed_worker else \
+        Embedder(s.embed_model, **kw)
     index = None
     if s.index_dir:
         index = load_index(s.index_dir, embedder)
@@ -417,7 +423,16 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         # through a shared Redis
         st.cache = EmbeddingCache(f"{st.embedder.version}/{st.embedder.dtype_name}", max_entries=s.cache_entries, max_bytes=s.cache_bytes,
                                   redis_url=s.redis_url or None)
-        st.embed_batcher = Batcher(st.embedder.encode_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+        def embed_batch(texts):
+            try:
+                return st.embedder.encode_batch(texts)
+            except WorkerDied:
+                # the model is gone: stop (draining what else is in flight); the supervisor starts a new one
+                st.ready, st.not_ready_reason = False, "the embedding worker died"
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise
+
+        st.embed_batcher = Batcher(embed_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
                                    max_queue=s.max_queue, max_batch_cost=s.max_batch_tokens, name="embed",
                                    on_batch=st.metrics.on_batch)
         st.embed_batcher.start()
@@ -445,6 +460,8 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
                 if b is not None:
                     await b.stop()
             await st.cache.close()
+            if not preloaded and isinstance(st.embedder, EmbedderProcess):
+                st.embedder.close()
 
     app = FastAPI(title="mlsys serve", version="0.1.0", lifespan=lifespan,
                   description="Embeddings, FAISS search and streamed generation with dynamic batching.")
@@ -692,8 +709,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import uvicorn
     embedder, index, engine = comps
-    uvicorn.run(create_app(s, embedder=embedder, index=index, engine=engine), host=args.host, port=args.port,
-                timeout_graceful_shutdown=30)
+    try:
+        uvicorn.run(create_app(s, embedder=embedder, index=index, engine=engine), host=args.host,
+                    port=args.port, timeout_graceful_shutdown=30)
+    finally:
+        if isinstance(embedder, EmbedderProcess):
+            embedder.close()
     return 0
 
 

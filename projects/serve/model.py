@@ -131,6 +131,94 @@ class Embedder:
             return out, lens
 
 
+
+class WorkerDied(RuntimeError):
+    """The embedding worker process is gone (killed, out of memory): this replica cannot embed any more."""
+
+
+class EmbedderProcess(Embedder):
+    """The same Embedder, run in a child process ("spawn") that the batcher's thread feeds through a pipe.
+
+    Why a process: in one process the model's thread shares the GIL with the event loop. Every torch op
+    releases it and must take it back, and while the loop works through a burst (a finished batch's
+    responses, the next batch's requests) each op waits its turn: in the serving bench a batch of 32 took
+    ~173 ms in the replica against ~115 ms alone. Here the loop's process only pickles texts out and
+    vectors back (~50 KB for 32 texts); the model's process has a GIL of its own. The worker ignores
+    SIGINT/SIGTERM (the replica drains, then closes the pipe) and exits when the pipe closes, so a
+    SIGKILLed replica leaves no orphan behind."""
+
+    def __init__(self, name: str = DEFAULT_MODEL, *, offline: bool | None = None, dtype: str = "fp32",
+                 device: str = "auto", revision: str | None = None, threads: int = 0):
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")   # not fork: the parent may hold threads and locks
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_worker, args=(child, name, offline, dtype, device, revision, threads),
+                                 name="embedder", daemon=True)
+        self._proc.start()
+        child.close()
+        try:
+            kind, meta = self._conn.recv()
+        except EOFError:
+            raise ValueError(f"the embedding worker exited while loading (exit code {self._proc.exitcode})") \
+                from None
+        if kind == "error":
+            raise ValueError(meta)
+        for k, v in meta.items():   # name, dir, weights_sha256, version, dim, dtype_name, device
+            setattr(self, k, v)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.dir)   # tokens of cache hits, on the loop's side
+        self._count_tokenizer = self.tokenizer
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def encode_counted(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32), []
+        with self._lock:
+            try:
+                self._conn.send(texts)
+                kind, out = self._conn.recv()
+            except (EOFError, OSError):   # the pipe closed: the worker is gone
+                raise WorkerDied(f"the embedding worker (pid {self._proc.pid}) exited with code "
+                                 f"{self._proc.exitcode}") from None
+        if kind == "error":
+            raise RuntimeError(f"embedding worker: {out}")
+        return out
+
+    def close(self) -> None:
+        self._conn.close()          # the worker sees EOF and returns
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
+def _worker(conn, name, offline, dtype, device, revision, threads) -> None:
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent decides when this ends: it closes the pipe
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        emb = Embedder(name, offline=offline, dtype=dtype, device=device, revision=revision)
+    except (ValueError, OSError, ImportError) as e:
+        conn.send(("error", str(e)))
+        return
+    conn.send(("ready", {"name": emb.name, "dir": emb.dir, "weights_sha256": emb.weights_sha256,
+                         "version": emb.version, "dim": emb.dim, "dtype_name": emb.dtype_name,
+                         "torch_dtype": emb.torch_dtype, "device": emb.device}))
+    while True:
+        try:
+            texts = conn.recv()
+        except (EOFError, OSError):
+            return                  # the parent closed the pipe or died
+        try:
+            reply = ("ok", emb.encode_counted(texts))
+        except Exception as e:  # noqa: BLE001 -- any model failure goes back to the batch's callers
+            reply = ("error", f"{type(e).__name__}: {e}")
+        conn.send(reply)
+
 # A forward's fixed cost (kernel launches, Python, the mask) in padded-token units: measured here as
 # ~10 ms for a batch of one on 2 threads against ~0.14 ms per token in large batches, i.e. ~70 tokens.
 FORWARD_COST_TOKENS = 64

@@ -45,3 +45,29 @@ def test_mixed_lengths_match_unpadded_and_count_tokens(embedder):
     alone = np.stack([embedder.encode([t])[0] for t in texts])
     assert (vecs * alone).sum(1).min() >= 0.9999
     assert counts == [len(x) for x in embedder.tokenizer(texts)["input_ids"]]
+
+
+def test_worker_process_embeds_the_same_and_reports_its_death(embedder):
+    import os
+    import signal
+
+    from projects.serve.model import EmbedderProcess, WorkerDied
+    proc = EmbedderProcess(offline=True)
+    try:
+        assert proc.pid != os.getpid() and proc.version == embedder.version and proc.dim == embedder.dim
+        texts = SENTENCES[:5] + ["a much longer text " * 30]
+        (vecs, counts), (ref, ref_counts) = proc.encode_counted(texts), embedder.encode_counted(texts)
+        assert counts == ref_counts and (vecs * ref).sum(1).min() >= 0.9999
+        assert proc.count_tokens_many(texts[:2]) == ref_counts[:2]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc._proc.join(10)
+        with pytest.raises(WorkerDied, match="exited"):
+            proc.encode(["after the kill"])
+    finally:
+        proc.close()
+
+
+def test_worker_process_load_error_is_raised_in_the_parent():
+    from projects.serve.model import EmbedderProcess
+    with pytest.raises(ValueError, match="offline mode only has"):
+        EmbedderProcess("someone/another-model", offline=True)
