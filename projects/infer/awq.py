@@ -31,17 +31,22 @@ def _fake_int4(W, group_size, clip=None):
 
 
 @torch.no_grad()
-def search_scale(X: torch.Tensor, weights: list[torch.Tensor], group_size: int, grid: int = 20) -> torch.Tensor:
-    """X (n, K) inputs shared by weights [(N_i, K)] -> the best per-channel scale s (K,)."""
-    X = X.float()
+def search_scale(X: torch.Tensor, weights: list[torch.Tensor], group_size: int, grid: int = 20,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """X (n, K) inputs shared by weights [(N_i, K)] -> the best per-channel scale s (K,).
+
+    The 21 (n, K) x (K, sum N) products are most of AWQ's time; `dtype` bf16 runs them ~2.5x faster where the
+    hardware does bf16 (the scales and fake quantization stay fp32; bf16's ~0.4% relative rounding is far
+    below the int4 error being compared, and reference and candidates are rounded alike)."""
     W = torch.cat([w.float() for w in weights])                                   # (sum N, K)
-    ref = X @ W.t()
-    x_mean = X.abs().mean(0)                                                      # (K,)
+    x_mean = X.float().abs().mean(0)                                              # (K,)
+    X = X.to(dtype)
+    ref = (X @ W.to(dtype).t()).float()
     best, best_s = float("inf"), torch.ones_like(x_mean)
     for a in range(grid):
         s = x_mean.pow(a / grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = ((X @ (_fake_int4(W * s, group_size) / s).t() - ref) ** 2).mean().item()
+        err = (((X @ (_fake_int4(W * s, group_size) / s).to(dtype).t()).float() - ref) ** 2).mean().item()
         if err < best:
             best, best_s = err, s
     return best_s
@@ -85,8 +90,10 @@ def _capture(layer, x, cos, sin, names_mods, batch, max_tokens):
 
 @torch.no_grad()
 def awq(model, ids: torch.Tensor, group_size: int = 128, batch: int = 8, max_tokens: int = 4096,
-        clip: bool = True, clip_tokens: int = 512, progress: bool = True) -> dict:
-    """AWQ on every block linear of a float model; folds the scales into it; returns {name: (q, s, z)}."""
+        clip: bool = True, clip_tokens: int = 512, progress: bool = True,
+        search_dtype: torch.dtype = torch.float32) -> dict:
+    """AWQ on every block linear of a float model; folds the scales into it; returns {name: (q, s, z)}.
+    `search_dtype`: the matmuls of the scale search (bf16 where the hardware does it: see search_scale)."""
     x = block_inputs(model, ids)
     cos, sin = rope_cos_sin(model, ids.shape[1], x.device, x.dtype)
     out = {}
@@ -95,14 +102,14 @@ def awq(model, ids: torch.Tensor, group_size: int = 128, batch: int = 8, max_tok
         mods = [("wqkv", at.wqkv), ("wo", at.wo), ("w1", ff.w1), ("w3", ff.w3), ("w2", ff.w2)]
         X, _ = _capture(layer, x, cos, sin, mods, batch, max_tokens)
         # 1. scales, folded into the predecessor (function unchanged in float)
-        s = search_scale(X["wqkv"], [at.wqkv.weight], group_size)
+        s = search_scale(X["wqkv"], [at.wqkv.weight], group_size, dtype=search_dtype)
         layer.attention_norm.weight.div_(s.to(layer.attention_norm.weight.dtype))
         at.wqkv.weight.mul_(s.to(at.wqkv.weight.dtype))
-        s = search_scale(X["w1"], [ff.w1.weight, ff.w3.weight], group_size)
+        s = search_scale(X["w1"], [ff.w1.weight, ff.w3.weight], group_size, dtype=search_dtype)
         layer.ffn_norm.weight.div_(s.to(layer.ffn_norm.weight.dtype))
         ff.w1.weight.mul_(s.to(ff.w1.weight.dtype))
         ff.w3.weight.mul_(s.to(ff.w3.weight.dtype))
-        s = search_scale(X["w2"], [ff.w2.weight], group_size)
+        s = search_scale(X["w2"], [ff.w2.weight], group_size, dtype=search_dtype)
         ff.w3.weight.div_(s[:, None].to(ff.w3.weight.dtype))
         ff.w2.weight.mul_(s.to(ff.w2.weight.dtype))
         # 2. clipping on the scaled weights with the scaled inputs, then RTN

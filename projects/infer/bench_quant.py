@@ -141,8 +141,11 @@ def build(method: str, path, calib, cfg, device):
         # scale search on 2048 of the calibration tokens (awq's default 4096): a quarter of the default preset's
         # AWQ time, for a perplexity ~2% above 4096's on SmolLM2 (--full searches on 4096)
         awq_tokens = 2048 if not cfg.full else 4096
-        Q.apply_int4_weights(model, awq(model, calib, gs, max_tokens=awq_tokens), gs)
-        note = f"g{gs}, scale search on {awq_tokens} tokens + clip search, {tuple(calib.shape)} calib"
+        # the scale search's matmuls in bf16 where the hardware does it (~2.5x faster; see awq.search_scale)
+        sdt = torch.bfloat16 if bf16_native(next(model.parameters()).device.type) else torch.float32
+        Q.apply_int4_weights(model, awq(model, calib, gs, max_tokens=awq_tokens, search_dtype=sdt), gs)
+        note = (f"g{gs}, scale search on {awq_tokens} tokens ({str(sdt).removeprefix('torch.')} matmuls) + clip "
+                f"search, {tuple(calib.shape)} calib")
     elif method == "qat":
         from projects.infer.qat import convert_qat, prepare_qat, qat_finetune
         teacher = copy.deepcopy(model)

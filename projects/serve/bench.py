@@ -52,9 +52,9 @@ class BenchConfig:
     avx512_bf16), else fp32; the ceiling is measured in both where bf16 is fast"""
     slo_ms: float = 500.0
     """latency SLO for embeddings (p99), for goodput and 'throughput at SLO'"""
-    level_s: float = 4.0
+    level_s: float = 3.0
     """seconds of open-loop arrivals per load level"""
-    capacity_s: float = 5.0
+    capacity_s: float = 4.0
     """seconds of closed-loop saturation to measure capacity"""
     levels: str = "0.1,0.25,0.5,0.75,1.0,1.5,2.0"
     """offered load as fractions of measured capacity"""

@@ -68,8 +68,9 @@ class BenchConfig:
                      ("default", "full", "smoke"))
     batch_size: int = _f(0, "images per rank per step; 0: 32 on CPU (2 cores at 32x32: ~4 s a step at one "
                             "thread, large enough that GEMMs run near the core's rate), 256 on CUDA")
-    warmup: int = _f(2, "untimed steps per configuration (allocator, oneDNN primitives, DDP bucket rebuild)")
-    steps: int = _f(4, "timed steps per configuration (median reported; ~4 s each on CPU)")
+    warmup: int = _f(1, "untimed steps per configuration (allocator, oneDNN primitives; DDP rebuilds its buckets "
+                        "at the next step, which the median of the timed steps outvotes)")
+    steps: int = _f(3, "timed steps per configuration (median reported; ~4 s each on CPU)")
     threads: int = _f(1, "CPU threads per rank (the baseline also runs once with 2 threads in one process)")
     bucket_cap_mb: float = _f(25.0, "DDP bucket size of the tuned DDP rows (ResNet-50 grads: 94 MB)")
     device: str = _f("auto", "auto (CUDA if present, else CPU), cpu or cuda")

@@ -129,6 +129,10 @@ def test_awq_scale_search_not_worse_than_rtn(stories):
     rtn = ((X @ (W - _fake_int4(W, 32)).t()) ** 2).mean()
     awq = ((X @ (W - _fake_int4(W * s, 32) / s).t()) ** 2).mean()
     assert awq <= rtn  # alpha = 0 (s = 1) is in the grid, so the search can only improve
+    # the bf16 search (the bench's on CPUs with bf16) lands within 2% of the fp32 search's output error
+    s16 = search_scale(X, [W], 32, dtype=torch.bfloat16)
+    awq16 = ((X @ (W - _fake_int4(W * s16, 32) / s16).t()) ** 2).mean()
+    assert awq16 <= 1.02 * awq
 
 
 def _greedy(model, tok, n=12):
