@@ -192,14 +192,23 @@ class Served:
         return json.loads((self.run_dir / "cluster.json").read_text())
 
     def replica_rss_mb(self) -> float:
+        """Resident memory of the replicas and their children (each replica's embedding worker process)."""
+        def tree(pid: int) -> list[int]:
+            try:
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                kids = []
+            return [pid] + [p for k in kids for p in tree(int(k))]
+
         total = 0
         for r in self.state()["replicas"]:
-            try:
-                for line in Path(f"/proc/{r['pid']}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) / 1024
-            except OSError:
-                pass
+            for pid in tree(r["pid"]):
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) / 1024
+                except OSError:
+                    pass
         return total
 
     def scrape(self) -> list:
