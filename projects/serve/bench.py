@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         log("served: 2 replicas x 1 thread (pinned), then SIGKILL one under load")
         with Served("replicas2", cfg, replicas=2, threads=1, pin=True,
                     env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=cfg.max_batch_size)) as s:
-            served["replicas2"] = sweep_experiment(s, wl, cfg, [0.5, 1.0], seed=4)
+            served["replicas2"] = sweep_experiment(s, wl, cfg, [0.5, 0.75, 1.0], seed=4)
             # N+1 provisioning: a load the surviving replica carries alone (~0.6 of its capacity), so a
             # failure here is the kill's doing, not an overload of the one replica left
             served["kill"] = kill_experiment(s, cfg, texts, KILL_LOAD * served["replicas2"]["capacity_rps"], seed=5)
@@ -484,9 +484,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # goals ------------------------------------------------------------------------------------------
     ceiling = ceil[cfg.embed_dtype]["texts_per_s"]
+    # the better of the two dynamic-batching deployments of the same 2 cores; the note names both
+    deploy = {"1 replica x 2 threads": dyn["capacity_rps"], "2 replicas x 1 thread": served["replicas2"]["capacity_rps"]}
+    best = max(deploy, key=deploy.get)
     goals.append(goal("served_fraction_of_ceiling", f"embeddings/s through nginx (dynamic batching, 1 text per "
-                      f"request, {cfg.embed_dtype}) over the offline ceiling", dyn["capacity_rps"] / ceiling, 0.7,
-                      ">=", f"{dyn['capacity_rps']:.0f} / {ceiling:.0f} texts/s"))
+                      f"request, {cfg.embed_dtype}, the better deployment) over the offline ceiling",
+                      deploy[best] / ceiling, 0.7, ">=",
+                      f"{best}: {deploy[best]:.0f} / {ceiling:.0f} texts/s; " +
+                      "; ".join(f"{k}: {v / ceiling:.2f}" for k, v in deploy.items())))
     b1 = served["batch1"]["slo_rps"]
     goals.append(goal("batching_speedup_at_slo", f"throughput with p99 <= {cfg.slo_ms:g} ms, dynamic over batch-1",
                       dyn["slo_rps"] / b1 if b1 else None, 3, ">=",
