@@ -147,19 +147,42 @@ def make_faiss_index(vectors: np.ndarray, kind: str = "hnsw", hnsw_m: int = 32, 
     return index
 
 
-def encode_corpus(embedder: Embedder, texts: list[str], batch_size: int = 128, progress: bool = True) -> np.ndarray:
-    """Encode in batches of similar length (sorted), so padding wastes little; returns rows in input order."""
+def encode_corpus(embedder, texts: list[str], batch_size: int = 128, progress: bool = True) -> np.ndarray:
+    """Encode in batches of similar length (sorted), so padding wastes little; returns rows in input order.
+
+    `embedder` may be a list of encoders (EmbedderProcess workers): each takes the next batch as it frees up.
+    On a 2-core CPU two 1-thread processes encode ~1.2x faster than one 2-thread process, whose OpenMP
+    team synchronises twice per op on these small matrices."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
+    encs = embedder if isinstance(embedder, list) else [embedder]
     order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.empty((len(texts), embedder.dim), np.float32)
-    for s in tqdm(range(0, len(texts), batch_size), desc=f"encode ({embedder.dtype_name})", unit="batch",
-                  disable=not progress, file=sys.stderr):
-        idx = order[s:s + batch_size]
-        out[idx] = embedder.encode([texts[i] for i in idx])
+    out = np.empty((len(texts), encs[0].dim), np.float32)
+    starts = iter(range(0, len(texts), batch_size))
+    lock = threading.Lock()
+    bar = tqdm(total=-(-len(texts) // batch_size), desc=f"encode ({encs[0].dtype_name}, {len(encs)} proc)",
+               unit="batch", disable=not progress, file=sys.stderr)
+
+    def work(enc) -> None:
+        while True:
+            with lock:
+                s = next(starts, None)
+            if s is None:
+                return
+            idx = order[s:s + batch_size]
+            out[idx] = enc.encode([texts[i] for i in idx])
+            with lock:
+                bar.update(1)
+
+    with ThreadPoolExecutor(len(encs)) as ex:   # (threads only wait on the workers' pipes)
+        list(ex.map(work, encs))                # re-raises a worker's error here
+    bar.close()
     return out
 
 
-def build_index(embedder: Embedder, passages: list[tuple[str, str]], *, kind: str = "hnsw", hnsw_m: int = 32,
+def build_index(embedder: Embedder | list, passages: list[tuple[str, str]], *, kind: str = "hnsw", hnsw_m: int = 32,
                 ef_construction: int = 200, ef_search: int = 64, batch_size: int = 128,
                 corpus: str = "custom", progress: bool = True, build_config: dict | None = None) -> SearchIndex:
     texts = [t for t, _ in passages]
@@ -167,6 +190,7 @@ def build_index(embedder: Embedder, passages: list[tuple[str, str]], *, kind: st
     t0 = time.perf_counter()
     vecs = encode_corpus(embedder, texts, batch_size, progress)
     t1 = time.perf_counter()
+    embedder = embedder[0] if isinstance(embedder, list) else embedder
     if progress:
         print(f"building {kind} over {len(texts)} vectors ...", file=sys.stderr)
     index = make_faiss_index(vecs, kind, hnsw_m, ef_construction, ef_search)
@@ -358,6 +382,8 @@ class IndexConfig:
     """encoding batch size"""
     threads: int = 0
     """torch/faiss threads (0 = library default)"""
+    workers: int = 0
+    """encoding processes of 1 thread each (0 = auto: one per core, at most 8, on a CPU; 1 = this process)"""
     measure: int = 1000
     """after building, measure recall@10 and QPS vs exact with this many WordNet lemma queries (0 = skip)"""
 
@@ -410,9 +436,20 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.limit > 0:
         passages = passages[:cfg.limit]
     print(f"{len(passages)} WordNet passages; model {embedder.version} ({cfg.dtype})", file=sys.stderr)
-    idx = build_index(embedder, passages, kind=cfg.kind, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
-                      ef_search=cfg.ef_search, batch_size=cfg.batch_size,
-                      corpus="wordnet-3.0 (Debian wordnet-base)", build_config=dataclasses.asdict(cfg))
+    # one 1-thread process per core (at most 8: each holds a copy of the model); GPUs encode in-process
+    workers = cfg.workers or (min(8, len(os.sched_getaffinity(0))) if embedder.device.type == "cpu" else 1)
+    encoders = [embedder]
+    if workers > 1:
+        from projects.serve.model import EmbedderProcess
+        encoders = [EmbedderProcess(cfg.model, offline=cfg.offline or env_offline(), dtype=cfg.dtype, threads=1)
+                    for _ in range(workers)]
+    try:
+        idx = build_index(encoders if workers > 1 else embedder, passages, kind=cfg.kind, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
+                          ef_search=cfg.ef_search, batch_size=cfg.batch_size,
+                          corpus="wordnet-3.0 (Debian wordnet-base)", build_config=dataclasses.asdict(cfg))
+    finally:
+        for e in encoders if workers > 1 else []:
+            e.close()
     out = save_index(idx, Path(cfg.out))
     print(f"wrote {out} ({idx.ntotal} vectors, {idx.manifest['build_seconds']})", file=sys.stderr)
     if cfg.dtype == "bf16":  # what bf16 costs in accuracy, on a sample of this corpus

@@ -83,3 +83,12 @@ def test_wordnet_corpus_has_100k_passages():
     assert len(p) >= 100_000 and glosses > 100_000 and len(p) - glosses > 40_000
     assert all(t and "|" not in t for t, _ in p[:1000])
     assert p[0][0].startswith("entity: ")
+
+
+def test_encode_corpus_with_several_encoders_keeps_input_order(embedder):
+    from projects.serve.index import encode_corpus
+    from projects.serve.tests.conftest import SENTENCES
+    one = encode_corpus(embedder, SENTENCES, batch_size=8, progress=False)
+    two = encode_corpus([embedder, embedder], SENTENCES, batch_size=8, progress=False)  # (batches interleave)
+    assert (one * two).sum(1).min() >= 0.9999
+    assert (one[:3] * embedder.encode(SENTENCES[:3])).sum(1).min() >= 0.9999   # row i is text i
