@@ -1,6 +1,6 @@
 """The serving bench: the real service behind nginx on loopback, measured side by side in one run.
 
-    python -m projects.serve.bench                # default preset (~8 min on 2 cores); make bench-serve
+    python -m projects.serve.bench                # default preset (~4 min on 2 cores); make bench-serve
     python -m projects.serve.bench --full         # longer levels, fp32 serving too
     python -m projects.serve.bench --index-dir runs/serve/index-smoke --level-s 2   # a quick smoke run
 
@@ -11,11 +11,11 @@ What it measures, in this order:
      HTTP, fp32 and bf16 (and bf16's cosine to fp32);
   2. ANN: HNSW recall@10 and single-thread speed-up against exact IndexFlatIP on the served index;
   3. generation per-token latency along the sequence with the static KV cache vs recomputing the prefix;
-  4. through nginx (cluster.py, the deployment `make serve` runs), embeddings only, open-loop Poisson load
-     (loadtest.py): batch-1 serving vs dynamic batching on 1 replica x 2 threads -- capacity, then a sweep
-     of offered load to 2x capacity (latency vs throughput, overload refusals, goodput, replica memory);
-     cache off vs on under a Zipf stream; 2 replicas x 1 thread (pinned) and a SIGKILLed replica under
-     steady embeddings + search load.
+  4. through nginx (cluster.py, the deployment `make serve` runs: 2 replicas x 1 thread, here pinned to
+     their own cores), embeddings only, open-loop Poisson load (loadtest.py): batch-1 serving vs dynamic
+     batching -- capacity, then a sweep of offered load to 2x capacity (latency vs throughput, overload
+     refusals, goodput, replica memory) -- and a SIGKILLed replica under steady embeddings + search load;
+     cache off vs on under a Zipf stream; 1 replica x 2 threads on the same cores.
 The load generator runs on the same 2 cores as the service: its CPU is taken from the replicas, so the
 served numbers are a lower bound of what a separate client machine would see.
 """
@@ -58,16 +58,21 @@ class BenchConfig:
     """seconds of closed-loop saturation to measure capacity"""
     levels: str = "0.1,0.25,0.5,0.75,1.0,1.5,2.0"
     """offered load as fractions of measured capacity"""
+    replicas: int = 2
+    """replicas of the served deployment (batch-1, dynamic batching, cache, SIGKILL), as `make serve` starts"""
+    threads: int = 1
+    """threads per replica, each replica pinned to its own cores; the comparison deployment is 1 replica
+    with replicas x threads threads (same cores)"""
     max_batch_size: int = 32
     """dynamic batching: most texts per batch (a full batch must fit the SLO with one queued behind it)"""
     max_queue: int = 64
     """queued texts per replica before refusing: bounds the wait to ~max_queue / capacity, so accepted
     requests keep their SLO under overload and the excess is refused at once"""
-    max_inflight: int = 64
-    """front-door admission: requests nginx lets through at once per replica (cluster --max-inflight): two
-    full batches, one computing and the next one queued behind it, so the model never waits for requests
-    and an admitted request waits about one batch; the rest is refused by nginx at once instead of queueing
-    in sockets and event loops (0 = off: the replicas' queues refuse)"""
+    max_inflight: int = 32
+    """front-door admission: requests nginx lets through at once per replica (cluster --max-inflight), about
+    one batch: an admitted request waits for at most the batch computing, so accepted requests keep the SLO
+    under overload (64 let 1-thread replicas queue two batches and pass it), and the rest is refused by nginx
+    at once instead of queueing in sockets and event loops (0 = off: the replicas' queues refuse)"""
     nice: int = 10
     """replicas' niceness: the load generator shares the 2 cores, and its CPU (a real client's own machine)
     must not show up as server latency, nor the client starve while the replicas compute"""
@@ -218,6 +223,10 @@ class Served:
         for r in self.state()["replicas"]:
             samples += parse_metrics(httpx.get(f"http://127.0.0.1:{r['port']}/metrics", timeout=2).text)
         return samples
+
+
+def deployment(replicas: int, threads: int) -> str:
+    return f"{replicas} replica{'s' * (replicas > 1)} x {threads} thread{'s' * (threads > 1)}"
 
 
 def serving_env(cfg: BenchConfig, **kw) -> dict:
@@ -426,34 +435,40 @@ def main(argv: list[str] | None = None) -> int:
     # 4. served ---------------------------------------------------------------------------------------
     wl = loadtest.Workload(texts, {"embeddings": 1.0})
     served: dict[str, dict] = {}
+    shape, alt = deployment(cfg.replicas, cfg.threads), deployment(1, cfg.replicas * cfg.threads)
+    extra["deployments"] = {"main": shape, "alt": alt}
+    main_kw = dict(replicas=cfg.replicas, threads=cfg.threads, pin=True)
+    dyn_env = serving_env(cfg, SERVE_MAX_BATCH_SIZE=cfg.max_batch_size)
     try:
-        log("served: batch-1, 1 replica x 2 threads")
-        with Served("batch1", cfg, replicas=1, threads=2, env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=1)) as s:
+        log(f"served: batch-1, {shape}")
+        with Served("batch1", cfg, **main_kw, env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=1)) as s:
             served["batch1"] = sweep_experiment(s, wl, cfg, [x for x in levels if x <= 1.0], seed=1)
-        log("served: dynamic batching, 1 replica x 2 threads")
-        with Served("dynamic", cfg, replicas=1, threads=2,
-                    env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=cfg.max_batch_size)) as s:
+        log(f"served: dynamic batching, {shape}" + (", then SIGKILL one replica under load" if cfg.replicas > 1 else ""))
+        with Served("dynamic", cfg, **main_kw, env=dyn_env) as s:
             served["dynamic"] = sweep_experiment(s, wl, cfg, levels, seed=2)
             served["cache_off"] = cache_experiment(s, cfg, texts, seed=3)
+            if cfg.replicas > 1:
+                # N+1 provisioning: a load the other replicas carry without the killed one, so a failure
+                # here is the kill's doing, not an overload of the replicas left
+                served["kill"] = kill_experiment(s, cfg, texts, KILL_LOAD * served["dynamic"]["capacity_rps"], seed=5)
         log("served: dynamic batching + cache, Zipf stream")
-        with Served("cache", cfg, replicas=1, threads=2,
-                    env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=cfg.max_batch_size, SERVE_CACHE_ENTRIES=100000)) as s:
+        with Served("cache", cfg, **main_kw, env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=cfg.max_batch_size,
+                                                             SERVE_CACHE_ENTRIES=100000)) as s:
             served["cache_on"] = cache_experiment(s, cfg, texts, seed=3, rate=served["cache_off"]["rate"])
-        log("served: 2 replicas x 1 thread (pinned), then SIGKILL one under load")
-        with Served("replicas2", cfg, replicas=2, threads=1, pin=True,
-                    env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=cfg.max_batch_size)) as s:
-            served["replicas2"] = sweep_experiment(s, wl, cfg, [0.5, 0.75, 1.0], seed=4)
-            # N+1 provisioning: a load the surviving replica carries alone (~0.6 of its capacity), so a
-            # failure here is the kill's doing, not an overload of the one replica left
-            served["kill"] = kill_experiment(s, cfg, texts, KILL_LOAD * served["replicas2"]["capacity_rps"], seed=5)
+        if alt != shape:
+            log(f"served: dynamic batching, {alt}")
+            with Served("alt", cfg, replicas=1, threads=cfg.replicas * cfg.threads, env=dyn_env) as s:
+                served["alt"] = sweep_experiment(s, wl, cfg, [0.5, 0.75, 1.0], seed=4)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     extra["served"] = served
 
-    for key, label in (("batch1", "batch-1, 1 replica x 2 threads"),
-                       ("dynamic", f"dynamic batching (<= {cfg.max_batch_size}), 1 replica x 2 threads"),
-                       ("replicas2", "dynamic batching, 2 replicas x 1 thread")):
+    for key, label in (("batch1", f"batch-1, {shape}"),
+                       ("dynamic", f"dynamic batching (<= {cfg.max_batch_size}), {shape}"),
+                       ("alt", f"dynamic batching, {alt}")):
+        if key not in served:
+            continue
         e = served[key]
         half = _level(e["levels"], 0.5)
         rows.append(_row("embeddings via nginx", f"{label}, {cfg.embed_dtype}", e["capacity_rps"], e["slo_rps"],
@@ -476,16 +491,17 @@ def main(argv: list[str] | None = None) -> int:
                              f"; p50 hits {e['p50_hit_ms']:.1f} ms, misses {e['p50_miss_ms']:.1f} ms"
                              if e["p50_hit_ms"] is not None and e["p50_miss_ms"] is not None else "") +
                          f" (open loop at {e['rate']:.0f} req/s = 0.5x cache-off capacity, cold cache)"))
-    k = served["kill"]
-    rows.append(_row("replica SIGKILL", f"2 replicas, embeddings + search at {KILL_LOAD:g}x capacity", k["level"]["achieved_rps"],
-                     None, k["level"]["p50_ms"], k["level"]["p99_ms"], k["failed"],
-                     detail=f"{k['failed']} failed of {k['sent']}; replica back in "
-                            f"{k['recovered_s'] or float('nan'):.1f} s"))
+    k = served.get("kill")
+    if k is not None:
+        rows.append(_row("replica SIGKILL", f"{shape}, embeddings + search at {KILL_LOAD:g}x capacity",
+                         k["level"]["achieved_rps"], None, k["level"]["p50_ms"], k["level"]["p99_ms"], k["failed"],
+                         detail=f"{k['failed']} failed of {k['sent']}; replica back in "
+                                f"{k['recovered_s'] or float('nan'):.1f} s"))
 
     # goals ------------------------------------------------------------------------------------------
     ceiling = ceil[cfg.embed_dtype]["texts_per_s"]
     # the better of the two dynamic-batching deployments of the same 2 cores; the note names both
-    deploy = {"1 replica x 2 threads": dyn["capacity_rps"], "2 replicas x 1 thread": served["replicas2"]["capacity_rps"]}
+    deploy = {shape: dyn["capacity_rps"], **({alt: served["alt"]["capacity_rps"]} if "alt" in served else {})}
     best = max(deploy, key=deploy.get)
     goals.append(goal("served_fraction_of_ceiling", f"embeddings/s through nginx (dynamic batching, 1 text per "
                       f"request, {cfg.embed_dtype}, the better deployment) over the offline ceiling",
@@ -509,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"accepted p99 {max((lv['p99_ms'] or 0) for lv in over):.0f} ms; replica RSS "
                       f"{dyn['rss_mb_before']:.0f} -> {dyn['rss_mb_after']:.0f} MB; restarts {dyn['restarts']}"
                       if over else ""))
-    goals.append(goal("failed_requests_on_replica_kill", "client-visible failures, SIGKILL of 1 of 2 replicas under "
-                      "steady embeddings + search load", k["failed"], 0, "==", f"of {k['sent']} requests"))
+    goals.append(goal("failed_requests_on_replica_kill", f"client-visible failures, SIGKILL of 1 of {cfg.replicas} "
+                      "replicas under steady embeddings + search load", k and k["failed"], 0, "==",
+                      f"of {k['sent']} requests" if k else "needs --replicas >= 2"))
     notes += [
         f"Load generator (open loop, Poisson arrivals, latency from the scheduled send time) on the same "
         f"{os.cpu_count()} cores as the service; 1 text per embeddings request, WordNet passages.",
@@ -555,8 +572,10 @@ def plot(record: dict, docs_dir: Path) -> list[Path]:
     slo = record["config"]["slo_ms"]
     if served:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for key, label, color in (("batch1", "batch-1", "tab:red"), ("dynamic", "dynamic batching", "tab:blue"),
-                                  ("replicas2", "2 replicas x 1 thread", "tab:green")):
+        dep = (record.get("extra") or {}).get("deployments") or {"main": "", "alt": ""}
+        for key, label, color in (("batch1", f"batch-1, {dep['main']}", "tab:red"),
+                                  ("dynamic", f"dynamic batching, {dep['main']}", "tab:blue"),
+                                  ("alt", f"dynamic batching, {dep['alt']}", "tab:green")):
             lv = [x for x in served.get(key, {}).get("levels", []) if x["p50_ms"] is not None]
             if not lv:
                 continue
