@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -293,6 +294,11 @@ async def run_level(client, workload: Workload, rate: float, duration_s: float, 
 
     `on_tick(elapsed_s)` is called about every 0.1 s of the schedule (e.g. to kill a replica mid-run)."""
     rng = np.random.default_rng(seed)
+    # what the process holds already (torch and the models of an in-process bench, earlier levels' results)
+    # is left out of the cyclic GC: a full pass over it stalls the generator mid-level for 100s of ms, and a
+    # stalled generator sends late and charges the delay to the service (seen as send lag at 2x capacity)
+    gc.collect()
+    gc.freeze()
     arrivals = poisson_arrivals(rate, duration_s, rng) if arrivals is None else arrivals
     reqs = [workload.request(rng) for _ in range(len(arrivals))]
     loop = asyncio.get_running_loop()
