@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --kind must be hnsw or flat and --dtype auto, fp32 or bf16 (got {cfg.kind}, {cfg.dtype})",
               file=sys.stderr)
         return 2
+    if cfg.workers < 0:
+        print(f"error: --workers must be >= 0 (0 = one per core), got {cfg.workers}", file=sys.stderr)
+        return 2
     import faiss
     import torch
     if cfg.dtype == "auto":
@@ -438,18 +441,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(passages)} WordNet passages; model {embedder.version} ({cfg.dtype})", file=sys.stderr)
     # one 1-thread process per core (at most 8: each holds a copy of the model); GPUs encode in-process
     workers = cfg.workers or (min(8, len(os.sched_getaffinity(0))) if embedder.device.type == "cpu" else 1)
-    encoders = [embedder]
-    if workers > 1:
-        from projects.serve.model import EmbedderProcess
-        encoders = [EmbedderProcess(cfg.model, offline=cfg.offline or env_offline(), dtype=cfg.dtype, threads=1)
-                    for _ in range(workers)]
+    from projects.serve.model import EmbedderProcess
+    encoders = [embedder] if workers == 1 else \
+        [EmbedderProcess(cfg.model, offline=cfg.offline or env_offline(), dtype=cfg.dtype, threads=1)
+         for _ in range(workers)]
     try:
-        idx = build_index(encoders if workers > 1 else embedder, passages, kind=cfg.kind, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
+        idx = build_index(encoders, passages, kind=cfg.kind, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
                           ef_search=cfg.ef_search, batch_size=cfg.batch_size,
                           corpus="wordnet-3.0 (Debian wordnet-base)", build_config=dataclasses.asdict(cfg))
     finally:
-        for e in encoders if workers > 1 else []:
-            e.close()
+        for e in encoders:
+            if isinstance(e, EmbedderProcess):
+                e.close()
     out = save_index(idx, Path(cfg.out))
     print(f"wrote {out} ({idx.ntotal} vectors, {idx.manifest['build_seconds']})", file=sys.stderr)
     if cfg.dtype == "bf16":  # what bf16 costs in accuracy, on a sample of this corpus
