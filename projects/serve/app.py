@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -165,6 +166,15 @@ class BadInput(Exception):
 
 class Unavailable(Exception):
     """Not ready, or the feature is not configured: 503."""
+
+
+class VectorJSON(JSONResponse):
+    """JSON by orjson, numpy arrays written directly: each float32 in its shortest exact form. The stdlib
+    encoder (after .tolist()) spent ~0.2 ms per 384-float vector, a third of a replica's event loop at
+    capacity (py-spy), and wrote 17 digits where float32 needs at most 9 (8.4 KB -> 4.7 KB a vector)."""
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _err(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
@@ -505,12 +515,12 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         vecs, n_tokens = await _unless_disconnected(request, _embed(st, texts, request.scope["state"]["timing"]))
         data = []
         for i, v in enumerate(vecs):
-            emb = base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() if body.encoding_format == "base64" \
-                else v.tolist()
+            v = np.ascontiguousarray(v, "<f4")
+            emb = base64.b64encode(v.tobytes()).decode() if body.encoding_format == "base64" else v
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        # a JSONResponse skips FastAPI's jsonable_encoder, which walks every float of every vector in
+        # a Response object skips FastAPI's jsonable_encoder, which walks every float of every vector in
         # Python: it was about half of the event loop's time under load (py-spy)
-        return JSONResponse({"object": "list", "data": data, "model": st.embedder.name,
+        return VectorJSON({"object": "list", "data": data, "model": st.embedder.name,
                              "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
     @app.post("/v1/search")

@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"bf16 embeddings vs fp32 cosine: min {ceil['bf16_cosine_min']:.4f}, "
                      f"mean {ceil['bf16_cosine_mean']:.5f}.")
     rec = make_record("serve", cfg, rows, goals, units=UNITS, columns=COLUMNS, preset="full" if cfg.full else "default",
-                      notes=notes, libs=["torch", "transformers", "faiss", "fastapi", "uvicorn", "aiohttp"], extra=extra)
+                      notes=notes, libs=["torch", "transformers", "faiss", "fastapi", "uvicorn", "orjson", "aiohttp"], extra=extra)
     rec["provenance"]["nginx"] = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     path = write_record(rec)
     log(f"wrote {path}")
