@@ -101,19 +101,20 @@ class Embedder:
         return list(zip(vecs, counts))
 
     @torch.inference_mode()
-    def encode_counted(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    def encode_counted(self, texts: list[str], pack: bool = True) -> tuple[np.ndarray, list[int]]:
         """encode(), plus each text's token count after truncation (for usage, without tokenizing twice).
 
         The texts are tokenized unpadded and packed several to a row (`pack_rows`), each attending only to
         itself through a block-diagonal mask, with positions restarting per text: the linear layers, most
         of the FLOPs at these lengths, then compute real tokens instead of padding. A served batch mixes
-        5- and 60-token texts; padding them to the longest wasted ~40% of the compute."""
+        5- and 60-token texts; padding them to the longest wastes much of the compute. pack=False runs
+        one text per row, padded to the longest: the serving bench measures the two side by side."""
         if not texts:
             return np.zeros((0, self.dim), np.float32), []
         with self._lock:
             ids = self.tokenizer(texts, truncation=True, max_length=MAX_SEQ_LEN)["input_ids"]
             lens = [len(x) for x in ids]
-            rows = pack_rows(lens)
+            rows = pack_rows(lens) if pack else [[i] for i in range(len(texts))]
             n, T = len(texts), max(sum(lens[i] for i in r) for r in rows)
             x = np.full((len(rows), T), self.tokenizer.pad_token_id, np.int64)
             pos = np.zeros((len(rows), T), np.int64)
@@ -210,12 +211,12 @@ class EmbedderProcess(Embedder):
     def pid(self) -> int:
         return self._proc.pid
 
-    def encode_counted(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    def encode_counted(self, texts: list[str], pack: bool = True) -> tuple[np.ndarray, list[int]]:
         if not texts:
             return np.zeros((0, self.dim), np.float32), []
         with self._lock:
             try:
-                self._conn.send(texts)
+                self._conn.send((texts, pack))
                 kind, out = self._conn.recv()
             except (EOFError, OSError):   # the pipe closed: the worker is gone
                 raise WorkerDied(f"the embedding worker (pid {self._proc.pid}) exited with code "
@@ -247,11 +248,11 @@ def _worker(conn, name, offline, dtype, device, revision, threads) -> None:
                          "torch_dtype": emb.torch_dtype, "device": emb.device}))
     while True:
         try:
-            texts = conn.recv()
+            texts, pack = conn.recv()
         except (EOFError, OSError):
             return                  # the parent closed the pipe or died
         try:
-            reply = ("ok", emb.encode_counted(texts))
+            reply = ("ok", emb.encode_counted(texts, pack))
         except Exception as e:  # noqa: BLE001 -- any model failure goes back to the batch's callers
             reply = ("error", f"{type(e).__name__}: {e}")
         conn.send(reply)

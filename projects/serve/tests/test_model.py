@@ -49,6 +49,9 @@ def test_packed_texts_match_unpadded_and_count_tokens(embedder):
     vecs, counts = embedder.encode_counted(texts)
     alone = np.stack([embedder.encode([t])[0] for t in texts])
     np.testing.assert_allclose(vecs, alone, atol=2e-5)
+    padded, padded_counts = embedder.encode_counted(texts, pack=False)   # one text per row, the bench's baseline
+    np.testing.assert_allclose(padded, alone, atol=2e-5)
+    assert padded_counts == counts
     assert counts == [len(x) for x in embedder.tokenizer(texts)["input_ids"]]
 
 
