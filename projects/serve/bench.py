@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     from projects.serve.index import IndexMismatch, ann_benchmark, load_index, read_manifest, wordnet_queries
     import shutil
     try:
-        manifest = read_manifest(Path(cfg.index_dir))
+        read_manifest(Path(cfg.index_dir))   # a missing or foreign index fails here, before minutes of measuring
         if not shutil.which("nginx"):
             raise ValueError("nginx not found (scripts/system_deps.sh installs it)")
         if not port_free("127.0.0.1", cfg.port):
