@@ -148,7 +148,8 @@ def make_faiss_index(vectors: np.ndarray, kind: str = "hnsw", hnsw_m: int = 32, 
 
 
 def encode_corpus(embedder, texts: list[str], batch_size: int = 128, progress: bool = True) -> np.ndarray:
-    """Encode in batches of similar length (sorted), so padding wastes little; returns rows in input order.
+    """Encode in batches of similar length (sorted: a batch's packed rows are as long as its longest text, so
+    one long text among short ones would widen them all); returns rows in input order.
 
     `embedder` may be a list of encoders (EmbedderProcess workers): each takes the next batch as it frees up.
     On a 2-core CPU two 1-thread processes encode ~1.2x faster than one 2-thread process, whose OpenMP

@@ -144,10 +144,10 @@ class Embedder:
 
 
 RANGE = np.arange(MAX_SEQ_LEN)
-# Tokens per packed row. Measured in-process on 1 thread, bf16, WordNet passages (5-60 tokens): padded
-# length-sorted sub-batches did 186/207/235 texts/s at batches of 16/32/128 random texts; rows of 48, 64
-# and 96 tokens did 239-263/288-328/301-354 (64 at or near the best everywhere). Longer rows spend more on
-# attention, which grows with the row's length squared.
+# Tokens per packed row. Measured in-process on 1 thread, bf16, WordNet passages (5-60 tokens), batches of
+# 16/32/128 random texts: rows of 48, 64 and 96 tokens did 239-263/288-328/301-354 texts/s, 64 at or near the
+# best everywhere. Longer rows spend more on attention, which grows with the row's length squared. (Packed vs
+# padded is measured by the serving bench on every run.)
 PACK_TOKENS = 64
 
 
