@@ -55,6 +55,9 @@ class BenchConfig:
     """latency SLO for embeddings (p99), for goodput and 'throughput at SLO'"""
     level_s: float = 3.0
     """seconds of open-loop arrivals per load level"""
+    half_s: float = 10.0
+    """seconds of the 0.5x level, whose p99 / p50 is a goal: in 3 s at ~230 req/s a p99 rests on ~7
+    requests and moved 2.1-3.3 between runs; 10 s puts ~23 above it"""
     capacity_s: float = 4.0
     """seconds of closed-loop saturation to measure capacity"""
     levels: str = "0.1,0.25,0.5,0.75,0.9,1.0,1.5,2.0"
@@ -281,7 +284,8 @@ def at_slo(levels: list[dict], slo_ms: float) -> float:
 async def _capacity_and_sweep(served: Served, wl, cfg: BenchConfig, levels: list[float], seed: int):
     async with loadtest.make_client(served.url) as c:
         cap = await loadtest.measure_capacity(c, wl, cfg.capacity_s, concurrency=served.concurrency, seed=seed)
-        rows = await loadtest.sweep(c, wl, cap, levels, cfg.level_s, slo_ms=cfg.slo_ms, timeout_s=30, seed=seed)
+        rows = await loadtest.sweep(c, wl, cap, levels, cfg.level_s, slo_ms=cfg.slo_ms, timeout_s=30, seed=seed,
+                                    durations={0.5: max(cfg.half_s, cfg.level_s)})
     return cap, rows
 
 
@@ -563,8 +567,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"{ob['batch']} over batch 1 ({ob['batch_texts_per_s']:.0f} vs {ob['batch1_texts_per_s']:.0f} "
                       f"texts/s)"))
     half = _level(dyn["levels"], 0.5)
+    bd = half.get("breakdown")
     goals.append(goal("p99_over_p50_at_half_load", "p99 / p50 latency at 0.5x capacity, dynamic batching",
-                      half["p99_ms"] / half["p50_ms"] if half["p50_ms"] else None, 2, "<="))
+                      half["p99_ms"] / half["p50_ms"] if half["p50_ms"] else None, 2, "<=",
+                      "; ".join(f"{label}: {b['latency_ms']:.0f} ms = queue {b['queue_ms']:.0f} + inference "
+                                f"{b['inference_ms']:.0f} + HTTP/nginx/client {b['other_ms']:.0f}"
+                                for label, b in (("median requests", bd["median"]),
+                                                 ("slowest 1%", bd["p99_tail"]))) if bd else ""))
     over = [lv for lv in dyn["levels"] if lv["load_fraction"] >= 1.5]
     rej = [lv["reject_p99_ms"] for lv in over if lv["reject_p99_ms"] is not None]
     goals.append(goal("reject_p99_ms", "p99 time to a 429 refusal at 1.5x and 2x capacity", max(rej) if rej else None,

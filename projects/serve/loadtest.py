@@ -177,6 +177,8 @@ class Result:
     first: float = 0.0     # loop time of the first streamed token (completions)
     key: str = ""          # the (first) text sent: tells cache hits from misses afterwards
     retried: bool = False  # sent twice: the first connection closed before any response (see send)
+    queue_ms: float | None = None      # the replica's x-queue-time / x-inference-time headers: where the
+    inference_ms: float | None = None  # time went on the server side (the rest is HTTP, nginx, this client)
 
     @property
     def latency(self) -> float:
@@ -193,6 +195,7 @@ async def send(client, route: str, path: str, body: dict, scheduled: float, time
     sent = loop.time()
     first = 0.0
     retried = False
+    queue_ms = inference_ms = None
     answered = False  # a response (status line) arrived: no retry past this point
     while True:
         try:
@@ -200,6 +203,7 @@ async def send(client, route: str, path: str, body: dict, scheduled: float, time
                 async with client.post(path, json=body) as resp:
                     answered = True
                     status = str(resp.status)
+                    queue_ms, inference_ms = _header_ms(resp, "x-queue-time"), _header_ms(resp, "x-inference-time")
                     if route == "completions" and body.get("stream"):
                         done_marker = False
                         async for line in resp.content:   # SSE lines, b"data: {...}\n"
@@ -222,7 +226,32 @@ async def send(client, route: str, path: str, body: dict, scheduled: float, time
         break
     key = body.get("input", body.get("query", body.get("prompt", "")))
     return Result(route, scheduled, sent, loop.time(), status, first, key if isinstance(key, str) else key[0],
-                  retried)
+                  retried, queue_ms, inference_ms)
+
+
+def _header_ms(resp, name: str) -> float | None:
+    try:
+        return float(resp.headers[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def breakdown(results: list[Result]) -> dict | None:
+    """Where the time of the typical (p45-p55) and the slowest (>= p99) successful requests went, from the
+    replica's own timing headers: queue (waiting for a batch), inference (its batch computing) and the rest
+    (HTTP, nginx, the client). Tells a tail made by batching from one made by the path around it."""
+    ok = sorted((r for r in results if r.status == "200" and r.queue_ms is not None and r.inference_ms is not None),
+                key=lambda r: r.latency)
+    if len(ok) < 100:
+        return None
+
+    def band(rs: list[Result]) -> dict:
+        lat = 1e3 * float(np.mean([r.latency for r in rs]))
+        q, inf = float(np.mean([r.queue_ms for r in rs])), float(np.mean([r.inference_ms for r in rs]))
+        return {"n": len(rs), "latency_ms": lat, "queue_ms": q, "inference_ms": inf, "other_ms": lat - q - inf}
+
+    n = len(ok)
+    return {"median": band(ok[int(0.45 * n):int(0.55 * n) + 1]), "p99_tail": band(ok[int(0.99 * n):])}
 
 
 def _pct(xs, q: float) -> float | None:
@@ -236,7 +265,7 @@ def summarize(results: list[Result], t0: float, offered_rps: float, duration_s: 
         return {"offered_rps": offered_rps, "sent": 0, "ok": 0, "achieved_rps": 0.0, "goodput_rps": 0.0,
                 "goodput_fraction": None, "p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None,
                 "errors": {}, "failed": 0, "retried": 0, "refused": 0, "reject_p99_ms": None, "send_lag_p99_ms": None,
-                "wall_s": duration_s, "by_route": {}}
+                "wall_s": duration_s, "breakdown": None, "by_route": {}}
     end = max(r.done for r in results)
     wall = max(duration_s, end - t0)
     ok = [r for r in results if r.status == "200"]
@@ -264,6 +293,7 @@ def summarize(results: list[Result], t0: float, offered_rps: float, duration_s: 
         "reject_p99_ms": ms(_pct(refused, 99)),
         "send_lag_p99_ms": ms(_pct([r.sent - r.scheduled for r in results], 99)),
         "wall_s": wall,
+        "breakdown": breakdown(results),
         "by_route": {},
     }
     for route in sorted({r.route for r in results}):
@@ -340,11 +370,14 @@ async def measure_capacity(client, workload: Workload, seconds: float, concurren
 
 
 async def sweep(client, workload: Workload, capacity: float, levels: list[float], duration_s: float, *,
-                slo_ms: float, timeout_s: float, seed: int = 0, progress: bool = True) -> list[dict]:
+                slo_ms: float, timeout_s: float, seed: int = 0, progress: bool = True,
+                durations: dict[float, float] | None = None) -> list[dict]:
+    """One open-loop level per fraction of `capacity`, `duration_s` each unless `durations` names the
+    fraction: a level whose tail is a goal runs longer, as a p99 over 700 requests rests on the slowest 7."""
     rows = []
     for i, frac in enumerate(levels):
-        s, _ = await run_level(client, workload, frac * capacity, duration_s, slo_ms=slo_ms,
-                               timeout_s=timeout_s, seed=seed + i)
+        s, _ = await run_level(client, workload, frac * capacity, (durations or {}).get(frac, duration_s),
+                               slo_ms=slo_ms, timeout_s=timeout_s, seed=seed + i)
         s["load_fraction"] = frac
         rows.append(s)
         if progress:

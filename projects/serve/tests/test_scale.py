@@ -259,6 +259,34 @@ def test_loadtest_against_a_fake_server_counts_latency_errors_and_goodput():
     assert s["p99_ms"] >= 200
 
 
+def test_breakdown_splits_the_tail_by_the_replica_timing_headers():
+    R = loadtest.Result
+    fast = [R("embeddings", 0.0, 0.0, 0.030, "200", queue_ms=5.0, inference_ms=20.0) for _ in range(198)]
+    slow = [R("embeddings", 0.0, 0.0, 0.100, "200", queue_ms=60.0, inference_ms=30.0) for _ in range(2)]
+    b = loadtest.summarize(fast + slow, t0=0.0, offered_rps=1.0, duration_s=1.0, slo_s=1.0)["breakdown"]
+    assert b["median"]["queue_ms"] == pytest.approx(5.0) and b["median"]["other_ms"] == pytest.approx(5.0)
+    assert b["p99_tail"]["n"] == 2 and b["p99_tail"]["queue_ms"] == pytest.approx(60.0)
+    assert b["p99_tail"]["other_ms"] == pytest.approx(10.0)
+    no_headers = [R("embeddings", 0.0, 0.0, 0.03, "200") for _ in range(200)]
+    assert loadtest.summarize(no_headers, 0.0, 1.0, 1.0, 1.0)["breakdown"] is None   # e.g. through a proxy
+
+
+def test_sweep_runs_a_named_level_longer():
+    """The level whose tail is a goal gets its own duration; the others keep the sweep's."""
+    wl = loadtest.Workload(["fast a"], {"embeddings": 1.0})
+
+    async def go(port):
+        async with loadtest.make_client(f"http://127.0.0.1:{port}") as c:
+            return await loadtest.sweep(c, wl, 40.0, [0.25, 0.5], 0.5, slo_ms=100, timeout_s=5, seed=1,
+                                        progress=False, durations={0.5: 2.0})
+
+    with _FakeServer() as srv:
+        short, long = asyncio.run(go(srv.port))
+    assert [short["load_fraction"], long["load_fraction"]] == [0.25, 0.5]
+    assert 0.5 <= short["wall_s"] < 1.0 and long["wall_s"] >= 2.0
+    assert long["sent"] > 2 * short["sent"] and long["failed"] == 0
+
+
 def test_latency_counts_from_the_schedule_so_a_stall_is_not_hidden():
     # Open loop at 50/s while the server stalls 0.5 s once: every request due during the stall waits for
     # it. A closed-loop client would have sent ~1 request in that window; here ~25 see the stall.
