@@ -110,11 +110,13 @@ def parse_config(cls, argv: list[str] | None, description: str, commands: tuple[
         p.add_argument("command", choices=commands)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
+        doc = docs.get(f.name)
+        doc = doc and doc.replace("%", "%%")   # argparse %-formats help: "4% of" would break --help
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs.get(f.name))
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default, help=docs.get(f.name))
+            p.add_argument(flag, type=typ, default=f.default, help=doc)
     ns = vars(p.parse_args(argv))
     cmd = ns.pop("command", None)
     cfg = cls(**ns)
@@ -606,7 +608,8 @@ def up(cfg: ClusterConfig) -> int:
             state = json.loads((run_dir / "cluster.json").read_text())
         except (OSError, json.JSONDecodeError):
             state = {}
-        if state.get("supervisor_pid") == proc.pid and state.get("ready", 0) >= cfg.replicas:
+        if state.get("supervisor_pid") == proc.pid and state.get("ready", 0) >= cfg.replicas \
+                and _front_answers(cfg):
             print(f"serving on {state['url']} with {state['ready']} replicas (supervisor pid {proc.pid}); "
                   f"logs in {run_dir}; stop with `python -m projects.serve.cluster down`")
             return 0
@@ -614,6 +617,18 @@ def up(cfg: ClusterConfig) -> int:
     print(f"error: not ready after {cfg.ready_timeout_s:.0f}s; see {run_dir}; stopping", file=sys.stderr)
     down(cfg)
     return 1
+
+
+def _front_answers(cfg: ClusterConfig, times: int = 3) -> bool:
+    """/readyz through nginx, several times in a row. The supervisor records a replica ready as soon as it
+    has sent nginx the reload that lists it; until nginx's new workers take over, the old ones still have
+    every replica `down` and answer 502 (seen as a flaky first request after `up`)."""
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    for _ in range(times):
+        if not http_ok(f"http://{host}:{cfg.port}/readyz"):
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _flag(name: str, value) -> list[str]:

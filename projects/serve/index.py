@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from common.files import file_sha256
+from projects.serve.cluster import parse_config
 from projects.serve.model import DEFAULT_MODEL, Embedder
 
 WORDNET_DIR = Path(os.environ.get("WORDNET_DIR", "/usr/share/wordnet"))
@@ -387,30 +388,6 @@ class IndexConfig:
     """encoding processes of 1 thread each (0 = auto: one per core, at most 8, on a CPU; 1 = this process)"""
     measure: int = 1000
     """after building, measure recall@10 and QPS vs exact with this many WordNet lemma queries (0 = skip)"""
-
-
-def parse_config(cls, argv: list[str] | None, description: str):
-    """argparse flags generated from a dataclass: --field-name, typed, with the field's docstring as help.
-    Unknown flags are an error (argparse exits 2 with a one-line message)."""
-    import argparse
-    import ast
-    import inspect
-    docs = {}
-    src = inspect.getsource(cls)
-    tree = ast.parse(src)
-    body = tree.body[0].body
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = b.value.value
-    p = argparse.ArgumentParser(description=description)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs.get(f.name))
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default, help=docs.get(f.name))
-    return cls(**vars(p.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,6 +135,25 @@ def test_nginx_template_renders_with_the_routing_rules(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
+@pytest.mark.parametrize("module", ["projects.serve.bench", "projects.serve.cluster", "projects.serve.loadtest",
+                                    "projects.serve.index"])
+def test_every_entry_point_prints_its_help(module, capsys):
+    """Flags come from dataclass docstrings, which say things like "refused 4% of requests": argparse
+    %-formats help text, so an unescaped % crashed `--help` of the serving bench."""
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--help"])
+    assert e.value.code == 0
+    assert "--" in capsys.readouterr().out
+
+
+def test_unknown_flags_exit_2():
+    from projects.serve import bench
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--no-such-flag", "1"])
+    assert e.value.code == 2
+
+
 def test_nginx_accepts_the_rendered_config(tmp_path):
     cfg = cluster.ClusterConfig(port=free_port())
     (tmp_path / "nginx-tmp").mkdir()
@@ -497,6 +516,32 @@ def _flag(cmd: list[str], name: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
+def test_up_waits_until_nginx_itself_routes_to_the_replicas():
+    """A reload takes effect when nginx's new workers take over; until then the old ones (every replica
+    `down`) answer 502. `up` returns only after /readyz succeeds through nginx several times in a row."""
+    import http.server
+    answers = [502, 200, 502, 200, 200, 200]
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(answers.pop(0) if answers else 200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        cfg = cluster.ClusterConfig(host="0.0.0.0", port=srv.server_address[1])
+        assert not cluster._front_answers(cfg)       # 502
+        assert not cluster._front_answers(cfg)       # 200 then 502: not yet
+        assert cluster._front_answers(cfg)           # three in a row
+    finally:
+        srv.shutdown()
+
+
 def test_nginx_refuses_past_max_inflight_without_waiting(tmp_path):
     # 1 replica, 2 requests admitted at once: of 8 simultaneous slow (0.2 s) embeddings, 2 are served and
     # 6 refused by nginx itself -- 429, Retry-After, the app's error shape -- before any slot frees up
