@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     goals.append(goal("batching_speedup_at_slo", f"throughput with p99 <= {cfg.slo_ms:g} ms, dynamic over batch-1",
                       dyn["slo_rps"] / b1 if b1 else None, 3, ">=",
                       f"{dyn['slo_rps']:.0f} vs {b1:.0f} req/s; the model alone on a replica's "
-                      f"{cfg.threads} thread{'s' * (cfg.threads > 1)}: x{ob['bound']:.2f} from batches of "
+                      f"{thr}: x{ob['bound']:.2f} from batches of "
                       f"{ob['batch']} over batch 1 ({ob['batch_texts_per_s']:.0f} vs {ob['batch1_texts_per_s']:.0f} "
                       f"texts/s)"))
     half = _level(dyn["levels"], 0.5)
