@@ -1,5 +1,6 @@
-# Two commands set everything up on a fresh machine: `make bench` and `make test`.
-# Both create .venv first (idempotent; reinstalls when pyproject.toml or constraints.txt change).
+# Two commands set everything up on a fresh machine: `make test` and `make bench`. Both first run the set-up
+# (target `setup`): .venv (reinstalled when pyproject.toml or constraints.txt change), then scripts/setup.sh:
+# the Debian packages, the SmolLM2 GGUF and, for the benches, the bench index; each only when missing.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PY ?= python3
@@ -19,57 +20,62 @@ INDEX_DIR ?= runs/serve/index
 # `make bench` within its 25-minute budget on 2 cores (the encoding is most of it: bf16 where the CPU does bf16,
 # one 1-thread process per core).
 BENCH_INDEX_DIR ?= runs/serve/index-100k
+export BENCH_INDEX_LIMIT ?= 100000
 
-.PHONY: help env system-deps test test-fast bench bench-train bench-infer bench-quant bench-serve report \
+.PHONY: help env setup setup-bench system-deps test test-fast bench bench-train bench-infer bench-quant bench-serve report \
 	train-check index serve serve-stop clean-env
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[1m%-14s\033[0m %s\n",$$1,$$2}'
 
+# .just-installed: scripts/setup.sh reports the rebuild in its one line, then removes it
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[all]'
-	@touch $(STAMP)
+	@touch $(STAMP) $(VENV)/.just-installed
 
 env: $(STAMP) ## create .venv (only if missing or pyproject/constraints changed)
+
+setup: env ## the set-up `make test` runs first: .venv, Debian packages, SmolLM2 GGUF (each only when missing)
+	@bash scripts/setup.sh
+
+setup-bench: env ## the set-up `make bench` runs first: `setup` plus the bench index
+	@bash scripts/setup.sh --bench-index $(BENCH_INDEX_DIR)
 
 system-deps: ## install the Debian packages the tests and benches use (root; skipped when present)
 	bash scripts/system_deps.sh
 
-test: env ## run the whole test suite (CPU, offline, ~15 min on 2 cores)
+test: setup ## set up what is missing, then run the whole test suite (CPU, offline, ~15 min on 2 cores)
 	$(BIN)/python -m pytest -q
 
-test-fast: env ## the suite without tests marked slow
+test-fast: setup ## the suite without tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: env $(BENCH_INDEX_DIR)/manifest.json ## run every bench on its default config, rewrite README tables and docs/*.png
+bench: setup-bench ## set up what is missing, run every bench, rewrite README tables and docs/*.png
 	$(BIN)/python -m benchmarks.run all
 
-bench-train: env ## training bench only (then rewrites README)
+bench-train: setup ## training bench only (then rewrites README)
 	$(BIN)/python -m benchmarks.run train
 
-bench-infer: env ## inference benches: float (ours vs HF) and quantization (then rewrites README)
+bench-infer: setup ## inference benches: float (ours vs HF) and quantization (then rewrites README)
 	$(BIN)/python -m benchmarks.run infer quant
 
-bench-quant: env ## quantization bench only (then rewrites README)
+bench-quant: setup ## quantization bench only (then rewrites README)
 	$(BIN)/python -m benchmarks.run quant
 
-bench-serve: env $(BENCH_INDEX_DIR)/manifest.json ## serving bench only (then rewrites README)
+bench-serve: setup-bench ## serving bench only (then rewrites README)
 	$(BIN)/python -m benchmarks.run serve
 
-train-check: env ## real-learning check: ResNet-50 on Fashion-MNIST for a few CPU minutes (docs/train.md)
+train-check: setup ## real-learning check: ResNet-50 on Fashion-MNIST for a few CPU minutes (docs/train.md)
 	$(BIN)/python -m projects.train.learning_check
 
-index: env $(INDEX_DIR)/manifest.json ## build the served FAISS index over WordNet (once; progress bar)
+index: setup $(INDEX_DIR)/manifest.json ## build the served FAISS index over WordNet (once; progress bar)
 
 $(INDEX_DIR)/manifest.json:
 	$(BIN)/python -m projects.serve.index --out $(INDEX_DIR) $(if $(INDEX_LIMIT),--limit $(INDEX_LIMIT))
 
-$(BENCH_INDEX_DIR)/manifest.json:
-	$(BIN)/python -m projects.serve.index --out $(BENCH_INDEX_DIR) --limit 100000 --measure 0
-
-serve: env $(INDEX_DIR)/manifest.json ## start REPLICAS (2) uvicorn replicas behind nginx; returns when ready
+serve: index ## start REPLICAS (2) uvicorn replicas behind nginx; returns when ready
 	SERVE_INDEX_DIR=$(INDEX_DIR) $(BIN)/python -m projects.serve.cluster up --detach \
 		--replicas $(or $(REPLICAS),2) --threads $(or $(THREADS),1)
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from common.provenance import REPO_ROOT
+from common.env import assets_root, cache_root, offline
 
 
 @dataclass
@@ -313,18 +313,6 @@ def hub_snapshot(repo_id: str) -> Path:
 
 
 # ---------------------------------------------------------------- named models and offline fallbacks
-def assets_root() -> Path:
-    return Path(os.environ.get("MLSYS_ASSETS", REPO_ROOT.parent / "shared" / "assets"))
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MLSYS_CACHE", REPO_ROOT / ".cache"))
-
-
-def offline() -> bool:
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("MLSYS_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 def smollm2_gguf() -> Path:
     return cache_root() / "assets" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -566,6 +566,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{thr}: x{ob['bound']:.2f} from batches of "
                       f"{ob['batch']} over batch 1 ({ob['batch_texts_per_s']:.0f} vs {ob['batch1_texts_per_s']:.0f} "
                       f"texts/s)"))
+    # the same ratio against its bound: how much of the model's own batching gain survives HTTP, nginx, the
+    # queue and the load generator sharing the cores
+    goals.append(goal("batching_fraction_of_model_gain", "dynamic/batch-1 throughput at the SLO over the model's "
+                      f"own batch-{ob['batch']}/batch-1 gain on a replica's {thr}",
+                      dyn["slo_rps"] / b1 / ob["bound"] if b1 else None, 0.85, ">=",
+                      f"x{dyn['slo_rps'] / b1:.2f} served of x{ob['bound']:.2f} offline" if b1 else "no batch-1 level"))
     half = _level(dyn["levels"], 0.5)
     bd = half.get("breakdown")
     goals.append(goal("p99_over_p50_at_half_load", "p99 / p50 latency at 0.5x capacity, dynamic batching",

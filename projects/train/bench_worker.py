@@ -30,14 +30,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from tqdm import tqdm
 
 from benchmarks.record import write_atomic
-from common.device import autocast_dtype, dist_backend, get_device, synchronize
+from common.device import autocast_dtype, get_device, synchronize
 from common.memory import current_rss_bytes, peak_memory_bytes, reset_peak_memory, tensor_bytes
 from projects.train import data, parallelize
 from projects.train.model import resnet50_cifar
+from projects.train.train import Config as TrainConfig
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Run:
     name: str
     kind: str = "strategy"  # "baseline": the plain loop of pytorch/examples; "strategy": projects.train code
     strategy: str = "ddp"
+    optimizer: str = "sgd"  # parallelize.OPTIMIZERS; the memory rows run both
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
@@ -137,22 +138,12 @@ def build(run: Run, device: torch.device):
         # pytorch/examples imagenet/main.py: model.train(), SGD(lr, momentum=0.9, weight_decay=1e-4),
         # nn.CrossEntropyLoss; NCHW, fp32, eager, one process, no wrapper.
         return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    # projects.train order: channels_last -> compile (per block) -> DDP | FSDP2 -> optimizer (train.py)
-    if run.channels_last and run.strategy not in ("zero2", "fsdp"):
-        model = parallelize.apply_channels_last(model)
-    # FSDP2 refuses non-contiguous (NHWC) parameters (NotImplementedError in fully_shard), so under zero2/fsdp
-    # only the inputs are channels_last: oneDNN/cuDNN then run the convolutions NHWC anyway (a channels_last
-    # input selects the NHWC kernel) and reorder the small unsharded weights on the fly.
-    if run.compile:
-        model = parallelize.apply_compile(model)
-    if run.strategy in ("ddp", "zero1"):
-        model = parallelize.apply_ddp(model, device, **(run.ddp or {}))
-    else:
-        model = parallelize.apply_fsdp(model, reshard_after_forward=run.strategy == "fsdp", device=device)
-    sgd = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)  # train.py's optimizer
-    opt = parallelize.apply_zero1(model.parameters(), **sgd) if run.strategy == "zero1" else \
-        torch.optim.SGD(model.parameters(), **sgd)
-    return model, opt
+    # projects.train's order (parallelize.py), as train.py applies it. Under zero2/fsdp only the inputs are
+    # channels_last (FSDP2 refuses NHWC parameters): oneDNN/cuDNN then run the convolutions NHWC anyway.
+    model = parallelize.parallelize(model, run.strategy, device, channels_last=run.channels_last,
+                                    compile=run.compile, ddp_kwargs=run.ddp)
+    t = TrainConfig()  # train.py's optimizer settings
+    return model, parallelize.build_optimizer(model, run.strategy, run.optimizer, t.lr, t.momentum, t.weight_decay)
 
 
 def measure(run: Run, device: torch.device, rank: int, world: int, bar) -> dict:
@@ -190,9 +181,7 @@ def measure(run: Run, device: torch.device, rank: int, world: int, bar) -> dict:
         return data.normalize(xs[0], "cifar100", run.channels_last), ys[0]
 
     criterion = nn.CrossEntropyLoss()
-    # fp16 (CUDA only) needs loss scaling, as in train.py: sharded grads need the inf check agreed across ranks
-    Scaler = ShardedGradScaler if run.strategy in ("zero2", "fsdp") else torch.amp.GradScaler
-    scaler = Scaler(device.type, enabled=run.precision == "fp16")
+    scaler = parallelize.grad_scaler(run.strategy, device, enabled=run.precision == "fp16")  # as train.py
 
     def step(variant: str = "sync", keep_grads: bool = False):
         x, y = batch(variant)
@@ -256,16 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.load(f)
     runs = [Run(**r) for r in spec["runs"]]
     device = get_device(spec.get("device", "auto"), int(os.environ.get("LOCAL_RANK", 0)))
-    timeout = timedelta(seconds=spec.get("collective_timeout_s", 900))
-    if "RANK" in os.environ:
-        dist.init_process_group(dist_backend(device), timeout=timeout,
-                                device_id=device if device.type == "cuda" else None)
-    else:
-        dist.init_process_group(dist_backend(device), store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = parallelize.init_distributed(device, timedelta(seconds=spec.get("collective_timeout_s", 900)))
     results = []
     total = sum((r.warmup + r.steps) * len(r.variants) for r in runs)
     bar = tqdm(total=total, disable=rank != 0, unit="step", desc=f"train bench, world size {world}",

@@ -1,6 +1,9 @@
-"""Parallelism as functions applied to a plain model, called from train.py in this order:
+"""Parallelism as functions applied to a plain model. `parallelize()` applies them in this order:
 
-    channels_last -> SyncBatchNorm (CUDA, optional) -> compile (per block) -> DDP | FSDP2
+    channels_last (ddp/zero1) -> SyncBatchNorm (CUDA, optional) -> compile (per block) -> DDP | FSDP2
+
+and `build_optimizer()` / `grad_scaler()` / `init_distributed()` sit beside it, so train.py, the bench
+worker and the tests set a strategy up the same way.
 
 Compile goes before wrapping (as in torchtitan) so each compiled region is one bottleneck block and the
 DDP/FSDP hooks stay outside the graphs. Strategies:
@@ -22,17 +25,82 @@ checks the FSDP2 gradients against a single-process reference.
 from __future__ import annotations
 
 import contextlib
+import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from projects.train.model import blocks
 
+from common.device import dist_backend
+
 STRATEGIES = ("ddp", "zero1", "zero2", "fsdp")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def init_distributed(device: torch.device, timeout: timedelta | None = None) -> tuple[int, int]:
+    """Join torchrun's process group (or make a group of one under plain python); returns (rank, world)."""
+    backend, dev_id = dist_backend(device), device if device.type == "cuda" else None
+    kw = {"timeout": timeout} if timeout else {}
+    if "RANK" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun hosts the store. Its c10d rendezvous (--standalone, --rdzv-backend=c10d) keeps that store
+        # across --max-restarts attempts while env:// init assumes a fresh one, so a restarted gloo group read
+        # the dead workers' addresses and hung (seen with torch 2.14). Keys namespaced by attempt avoid it.
+        tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", tcp)
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), device_id=dev_id, **kw)
+    else:
+        dist.init_process_group(backend, device_id=dev_id, **kw)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def parallelize(model: nn.Module, strategy: str, device: torch.device, *, channels_last: bool = False,
+                sync_bn: bool = False, compile: bool = False, ddp_kwargs: dict | None = None) -> nn.Module:
+    """The plain model wrapped for `strategy`, in the order of this module's docstring."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    if channels_last and strategy in ("ddp", "zero1"):  # FSDP2: channels_last inputs only
+        model = apply_channels_last(model)
+    if sync_bn:
+        model = apply_sync_bn(model, device)
+    if compile:
+        model = apply_compile(model)
+    if strategy in ("ddp", "zero1"):
+        return apply_ddp(model, device, **(ddp_kwargs or {}))
+    return apply_fsdp(model, reshard_after_forward=strategy == "fsdp", device=device)
+
+
+def build_optimizer(model: nn.Module, strategy: str, name: str, lr: float, momentum: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (K = 4 bytes of state per parameter) or AdamW (K = 8: two fp32 moments);
+    under zero1 the state is split across ranks by ZeroRedundancyOptimizer."""
+    if name == "sgd":
+        cls, kw = torch.optim.SGD, dict(lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    elif name == "adamw":
+        cls, kw = torch.optim.AdamW, dict(lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
+    if strategy == "zero1":
+        return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kw)
+    return cls(model.parameters(), **kw)
+
+
+def grad_scaler(strategy: str, device: torch.device, enabled: bool):
+    """fp16 loss scaling (CUDA). Sharded grads need the inf/NaN check agreed across ranks: ShardedGradScaler
+    all-reduces it; with DDP/ZeRO-1 every rank holds the same all-reduced grads, so the plain one agrees."""
+    cls = ShardedGradScaler if strategy in ("zero2", "fsdp") else torch.amp.GradScaler
+    return cls(device.type, enabled=enabled)
 
 
 def apply_channels_last(model: nn.Module) -> nn.Module:
@@ -61,11 +129,6 @@ def apply_ddp(model: nn.Module, device: torch.device, bucket_cap_mb: float = 25,
     ddp_kwargs.setdefault("gradient_as_bucket_view", True)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                bucket_cap_mb=bucket_cap_mb, **ddp_kwargs)
-
-
-def apply_zero1(params, **sgd_kwargs) -> ZeroRedundancyOptimizer:
-    """SGD whose state (momentum) is split across ranks; use it with a DDP model."""
-    return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.SGD, **sgd_kwargs)
 
 
 def apply_fsdp(model: nn.Module, reshard_after_forward: bool, device: torch.device) -> nn.Module:

@@ -35,10 +35,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from tqdm import tqdm
 
-from common.device import autocast_dtype, dist_backend, get_device
+from common.device import autocast_dtype, get_device
 from projects.train import checkpoint, data, parallelize
 from projects.train.model import resnet50_cifar
 
@@ -66,6 +65,8 @@ class Config:
     epochs: int = _f(200, "epochs to train (ignored when --max-steps is set)")
     max_steps: int = _f(0, "optimizer steps to train (0: epochs x steps per epoch); the LR schedule spans them")
     lr: float = _f(0.1, "peak learning rate")
+    optimizer: str = _f("sgd", "sgd (Nesterov momentum) | adamw (two fp32 moments: twice SGD's optimizer state; "
+                               "wants a far smaller --lr)", parallelize.OPTIMIZERS)
     momentum: float = _f(0.9, "SGD momentum (Nesterov)")
     weight_decay: float = _f(5e-4, "L2 weight decay on every parameter")
     label_smoothing: float = _f(0.0, "label smoothing of the training loss")
@@ -225,22 +226,7 @@ def train(cfg: Config) -> int:
         raise UsageError(str(e)) from e
     if cfg.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA (SyncBatchNorm does not run on CPU)")
-    backend, dev_id = dist_backend(device), device if device.type == "cuda" else None
-    if "RANK" not in os.environ:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun hosts the store. Its c10d rendezvous (--standalone, --rdzv-backend=c10d) keeps that store
-        # across --max-restarts attempts while env:// init assumes a fresh one, so a restarted gloo group read
-        # the dead workers' addresses and hung (seen with torch 2.14). Keys namespaced by attempt avoid it.
-        tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", tcp)
-        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]), device_id=dev_id)
-    else:
-        dist.init_process_group(backend, device_id=dev_id)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world = parallelize.init_distributed(device)
     out, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt"
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
 
@@ -267,26 +253,12 @@ def train(cfg: Config) -> int:
     # ---- model, then parallelism applied from outside (parallelize.py has the order and why)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = resnet50_cifar(train_set.num_classes).to(device)
-    if cfg.channels_last and cfg.strategy in ("ddp", "zero1"):   # FSDP2: channels_last inputs only
-        model = parallelize.apply_channels_last(model)
-    if cfg.sync_bn:
-        model = parallelize.apply_sync_bn(model, device)
-    if cfg.compile:
-        model = parallelize.apply_compile(model)
-    sgd = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-    if cfg.strategy in ("ddp", "zero1"):
-        model = parallelize.apply_ddp(model, device)
-    else:
-        model = parallelize.apply_fsdp(model, reshard_after_forward=cfg.strategy == "fsdp", device=device)
-    if cfg.strategy == "zero1":
-        optimizer = parallelize.apply_zero1(model.parameters(), **sgd)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), **sgd)
+    model = parallelize.parallelize(model, cfg.strategy, device, channels_last=cfg.channels_last,
+                                    sync_bn=cfg.sync_bn, compile=cfg.compile)
+    optimizer = parallelize.build_optimizer(model, cfg.strategy, cfg.optimizer, cfg.lr, cfg.momentum,
+                                            cfg.weight_decay)
     scheduler = lr_scheduler(cfg, optimizer, total_steps)
-    # fp16 only (CUDA). Sharded grads need the inf/NaN check agreed across ranks: ShardedGradScaler
-    # all-reduces it; with DDP/ZeRO-1 every rank holds the same all-reduced grads, so the plain one agrees.
-    Scaler = ShardedGradScaler if cfg.strategy in ("zero2", "fsdp") else torch.amp.GradScaler
-    scaler = Scaler(device.type, enabled=cfg.precision == "fp16")
+    scaler = parallelize.grad_scaler(cfg.strategy, device, enabled=cfg.precision == "fp16")
 
     # ---- resume: newest good checkpoint (auto) or the one named; the data position is a global cursor
     step, epoch, cursor = 0, 0, 0

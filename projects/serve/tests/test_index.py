@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from common.env import missing
 from projects.serve.index import (IndexMismatch, SearchIndex, ann_benchmark, check_manifest, load_index,
                                   make_faiss_index, recall_at_k, save_index, wordnet_passages, WORDNET_DIR)
 
@@ -76,7 +77,7 @@ def test_ann_benchmark_measures_recall_and_speed():
     assert recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 4, 1]]), 3) == pytest.approx(2 / 3)
 
 
-@pytest.mark.skipif(not (WORDNET_DIR / "data.noun").exists(), reason="WordNet missing: apt-get install wordnet-base")
+@pytest.mark.skipif(not (WORDNET_DIR / "data.noun").exists(), reason=missing("WordNet (wordnet-base)"))
 def test_wordnet_corpus_has_100k_passages():
     p = wordnet_passages()
     glosses = sum(s.endswith(":gloss") for _, s in p)

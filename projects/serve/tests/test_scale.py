@@ -26,11 +26,12 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from common.env import missing
 from projects.serve import autoscale, cluster, loadtest
 
 REPO = Path(__file__).resolve().parents[3]
 HAVE_NGINX = shutil.which("nginx") is not None
-NO_NGINX = "nginx not installed (scripts/system_deps.sh installs it)"
+NO_NGINX = missing("nginx")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -134,7 +135,6 @@ def test_nginx_template_renders_with_the_routing_rules(tmp_path):
         cluster.render_nginx(cfg, tmp_path, [])
 
 
-@pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
 @pytest.mark.parametrize("module", ["projects.serve.bench", "projects.serve.cluster", "projects.serve.loadtest",
                                     "projects.serve.index"])
 def test_every_entry_point_prints_its_help(module, capsys):
@@ -154,6 +154,7 @@ def test_unknown_flags_exit_2():
     assert e.value.code == 2
 
 
+@pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
 def test_nginx_accepts_the_rendered_config(tmp_path):
     cfg = cluster.ClusterConfig(port=free_port())
     (tmp_path / "nginx-tmp").mkdir()
@@ -514,8 +515,6 @@ def _flag(cmd: list[str], name: str) -> str:
     return cmd[cmd.index(name) + 1]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
 def test_up_waits_until_nginx_itself_routes_to_the_replicas():
     """A reload takes effect when nginx's new workers take over; until then the old ones (every replica
     `down`) answer 502. `up` returns only after /readyz succeeds through nginx several times in a row."""
@@ -542,6 +541,8 @@ def test_up_waits_until_nginx_itself_routes_to_the_replicas():
         srv.shutdown()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
 def test_nginx_refuses_past_max_inflight_without_waiting(tmp_path):
     # 1 replica, 2 requests admitted at once: of 8 simultaneous slow (0.2 s) embeddings, 2 are served and
     # 6 refused by nginx itself -- 429, Retry-After, the app's error shape -- before any slot frees up

@@ -24,7 +24,7 @@ from projects.train import parallelize
 from projects.train.model import resnet50_cifar
 
 B = 2  # images per rank
-SGD = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)  # Nesterov, as build_optimizer makes it
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
 def reference(base, x, y, chunks: int, train: bool):
     m = copy.deepcopy(base)
     m.train(train)
-    opt = torch.optim.SGD(m.parameters(), **SGD)
+    opt = torch.optim.SGD(m.parameters(), nesterov=True, **SGD)
     loss = sum(F.cross_entropy(m(xc), yc) for xc, yc in zip(x.chunk(chunks), y.chunk(chunks))) / chunks
     loss.backward()
     grads = [p.grad.clone() for p in m.parameters()]
@@ -55,13 +55,9 @@ def run(base, strategy: str, x, y, accum: int, train: bool):
     rank, world = dist.get_rank(), dist.get_world_size()
     m = copy.deepcopy(base)
     dev = torch.device("cpu")
-    if strategy in ("ddp", "zero1"):
-        m = parallelize.apply_ddp(m, dev)
-    else:
-        m = parallelize.apply_fsdp(m, reshard_after_forward=strategy == "fsdp", device=dev)
+    m = parallelize.parallelize(m, strategy, dev)
     m.train(train)
-    opt = parallelize.apply_zero1(m.parameters(), **SGD) if strategy == "zero1" else \
-        torch.optim.SGD(m.parameters(), **SGD)
+    opt = parallelize.build_optimizer(m, strategy, "sgd", **SGD)
     b = len(x) // world
     xr, yr = x.view(world, b, *x.shape[1:])[rank], y.view(world, b)[rank]  # this rank's b samples
     for k, (xc, yc) in enumerate(zip(xr.chunk(accum), yr.chunk(accum))):

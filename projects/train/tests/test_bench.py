@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[3]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 # Runs under torchrun at world size 2: each strategy on a small model of 8 equal layers (so ZeRO-1's
-# whole-parameter partition splits evenly), one SGD-momentum step, then bench_worker.state_bytes per rank.
+# whole-parameter partition splits evenly), one step of SGD momentum and of AdamW, then
+# bench_worker.state_bytes per rank.
 STATE_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch, torch.distributed as dist
@@ -29,26 +30,21 @@ STATE_SCRIPT = textwrap.dedent("""
     from common.memory import tensor_bytes
     from projects.train.bench_worker import state_bytes
 
-    dist.init_process_group("gloo")
     dev = torch.device("cpu")
+    parallelize.init_distributed(dev)
     out = {}
-    for strategy in ("ddp", "zero1", "zero2", "fsdp"):
+    for strategy, optimizer in [(s, o) for o in parallelize.OPTIMIZERS for s in parallelize.STRATEGIES]:
         torch.manual_seed(0)
         model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(8)])
-        if strategy in ("ddp", "zero1"):
-            model = parallelize.apply_ddp(model, dev)
-        else:
-            model = parallelize.apply_fsdp(model, reshard_after_forward=strategy == "fsdp", device=dev)
-        sgd = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        opt = parallelize.apply_zero1(model.parameters(), **sgd) if strategy == "zero1" else \\
-            torch.optim.SGD(model.parameters(), **sgd)
+        model = parallelize.parallelize(model, strategy, dev)
+        opt = parallelize.build_optimizer(model, strategy, optimizer, 0.1, 0.9, 5e-4)
         loss = model(torch.randn(4, 64)).square().mean()
         in_step = tensor_bytes(model.parameters())  # after forward: zero2 holds them unsharded until backward
         loss.backward()
         opt.step()
         got = [None, None]
         dist.all_gather_object(got, {**state_bytes(model, opt), "in_step": in_step})
-        out[strategy] = got
+        out[f"{strategy} {optimizer}"] = got
     if dist.get_rank() == 0:
         json.dump(out, open(sys.argv[1], "w"))
     dist.barrier()  # no rank tears gloo down while the other still talks to it
@@ -69,26 +65,34 @@ def test_state_bytes_match_zero_formulas(tmp_path):
     def held(m, strategy):  # zero2 keeps the gathered parameters through the step, as ZeRO-2's formula counts
         return (m["in_step"] if strategy == "zero2" else m["param_bytes"]) + m["grad_bytes"] + m["optim_bytes"]
 
-    for strategy, ranks in got.items():
+    for key, ranks in got.items():
+        strategy, optimizer = key.split()
         worst = max(held(m, strategy) for m in ranks)  # the fullest rank, as the bench reports it
-        want = bench.zero_formula(strategy, 2, psi)
-        assert abs(worst / want - 1) <= 0.05, f"{strategy}: {worst} bytes vs formula {want}"
-    ddp = max(held(m, "ddp") for m in got["ddp"])
-    assert max(held(m, "fsdp") for m in got["fsdp"]) / ddp == pytest.approx(0.5, abs=1e-6)
-    assert [m["in_step"] for m in got["zero2"]] == [4 * psi] * 2
-    # ZeRO-1: params and grads whole, momentum split; SGD momentum keeps exactly one fp32 buffer per param
-    assert [m["optim_bytes"] for m in got["zero1"]] == [4 * psi // 2] * 2
-    assert [m["grad_bytes"] for m in got["zero1"]] == [4 * psi] * 2
+        want = bench.zero_formula(strategy, 2, psi, optimizer)
+        assert abs(worst / want - 1) <= 0.05, f"{key}: {worst} bytes vs formula {want}"
+    ddp = max(held(m, "ddp") for m in got["ddp sgd"])
+    assert max(held(m, "fsdp") for m in got["fsdp sgd"]) / ddp == pytest.approx(0.5, abs=1e-6)
+    assert [m["in_step"] for m in got["zero2 sgd"]] == [4 * psi] * 2
+    # ZeRO-1: params and grads whole, optimizer state split: SGD momentum keeps exactly one fp32 buffer per
+    # parameter, AdamW two (plus a scalar step count per tensor)
+    assert [m["optim_bytes"] for m in got["zero1 sgd"]] == [4 * psi // 2] * 2
+    assert [m["optim_bytes"] // 100 for m in got["zero1 adamw"]] == [8 * psi // 2 // 100] * 2
+    assert [m["grad_bytes"] for m in got["zero1 sgd"]] == [4 * psi] * 2
+    ddp_adamw = max(held(m, "ddp") for m in got["ddp adamw"])
+    assert max(held(m, "zero1") for m in got["zero1 adamw"]) / ddp_adamw == pytest.approx(0.75, abs=1e-3)
     # FSDP2 at rest: every tensor a 1/2 local shard
-    for m in got["fsdp"] + got["zero2"]:
+    for m in got["fsdp sgd"] + got["zero2 sgd"]:
         assert (m["param_bytes"], m["grad_bytes"], m["optim_bytes"]) == (2 * psi, 2 * psi, 2 * psi)
 
 
 def test_zero_formula_ratios():
     # (P+G+K/N)/(P+G+K) with P=G=K=4 at N=2 is 10/12: ZeRO-1 cannot reach 0.75 with SGD momentum
-    assert bench.zero_formula("zero1", 2, 1) / bench.zero_formula("ddp", 2, 1) == pytest.approx(10 / 12)
-    assert bench.zero_formula("zero2", 2, 1) / bench.zero_formula("ddp", 2, 1) == pytest.approx(8 / 12)
-    assert bench.zero_formula("fsdp", 4, 1) / bench.zero_formula("ddp", 4, 1) == pytest.approx(1 / 4)
+    assert bench.zero_formula("zero1", 2, 1, "sgd") / bench.zero_formula("ddp", 2, 1, "sgd") == pytest.approx(10 / 12)
+    assert bench.zero_formula("zero2", 2, 1, "sgd") / bench.zero_formula("ddp", 2, 1, "sgd") == pytest.approx(8 / 12)
+    assert bench.zero_formula("fsdp", 4, 1, "sgd") / bench.zero_formula("ddp", 4, 1, "sgd") == pytest.approx(1 / 4)
+    # AdamW's two moments (K=8): (4+4+8/2)/16 = 0.75 at N=2
+    assert bench.zero_formula("zero1", 2, 1, "adamw") / bench.zero_formula("ddp", 2, 1, "adamw") == \
+        pytest.approx(0.75)
 
 
 def _analytic_forward_flops(model: nn.Module) -> int:
@@ -130,6 +134,8 @@ def test_plan_answers_every_goal():
     assert [r["kind"] for r in one[:2]] == ["baseline", "baseline"] and [r["threads"] for r in one[:2]] == [1, 2]
     assert all(r["precision"] == "fp32" and not r["compile"] for r in one + two)  # no bf16 hardware: fp32 only
     assert {r["strategy"] for r in two} == set(bench.STRATEGIES)
+    adamw = [r for r in two if r.get("optimizer") == "adamw"]   # memory-only rows: nothing timed
+    assert {r["strategy"] for r in adamw} == set(bench.STRATEGIES) and all(r["steps"] == 0 for r in adamw)
     assert any("nocomm" in r.get("variants", ()) and r["strategy"] == "ddp" for r in two)
     assert any("real" in r.get("variants", ()) for r in one)
     assert {r["strategy"] for r in one if r["kind"] == "strategy"} == set(bench.STRATEGIES)  # scaling refs
@@ -142,14 +148,14 @@ def test_plan_answers_every_goal():
 
 
 def _fake_result(name, world, strategy="ddp", kind="strategy", threads=1, variants=("sync",), step_s=4.0,
-                 state=(100, 100, 100), ddp=None, nocomm_s=None):
+                 state=(100, 100, 100), ddp=None, nocomm_s=None, optimizer="sgd", steps=3):
     mem = {"param_bytes": state[0], "grad_bytes": state[1], "optim_bytes": state[2], "peak_bytes": 2**30,
            "rss_floor_bytes": 2**28, "param_bytes_in_step": state[0]}
-    times = {v: [step_s] * 3 for v in variants}
+    times = {v: [step_s] * steps for v in variants}
     if nocomm_s:
         times["nocomm"] = [nocomm_s] * 3
     run = {"name": name, "kind": kind, "strategy": strategy, "precision": "fp32", "channels_last": kind != "baseline",
-           "compile": False, "threads": threads, "batch_size": 32, "variants": list(variants),
+           "compile": False, "threads": threads, "batch_size": 32, "variants": list(variants), "optimizer": optimizer,
            "ddp": ddp if ddp is not None else ({"static_graph": True} if strategy in ("ddp", "zero1") else {})}
     res = {"times": times, "first_step_s": step_s, "memory": mem, "profile": None}
     return {"run": run, "world": world, "device": "cpu", "device_name": None,
@@ -166,6 +172,10 @@ def _fake_results():
         _fake_result("ddp", 2, variants=("sync", "nocomm"), step_s=3.5, nocomm_s=3.4, state=(400, 400, 400)),
         _fake_result("zero1", 2, "zero1", step_s=3.6, state=(400, 400, 200)),
         _fake_result("fsdp", 2, "fsdp", step_s=3.8, state=(200, 200, 200)),
+        # memory-only AdamW rows (K = 8): nothing timed
+        _fake_result("ddp adamw", 2, optimizer="adamw", steps=0, state=(400, 400, 800)),
+        _fake_result("zero1 adamw", 2, "zero1", optimizer="adamw", steps=0, state=(400, 400, 400)),
+        _fake_result("fsdp adamw", 2, "fsdp", optimizer="adamw", steps=0, state=(200, 200, 400)),
     ]
 
 
@@ -183,8 +193,15 @@ def test_record_goals_and_plots(tmp_path):
     assert by["ddp_scaling_efficiency"]["met"]
     assert by["best_speedup_vs_baseline"]["measured"] == pytest.approx(4.0 / 3.2)  # ddp at ws1, per rank
     assert by["fsdp_state_bytes_ratio"]["measured"] == pytest.approx(0.5) and by["fsdp_state_bytes_ratio"]["met"]
+    # ZeRO-1 against its bound: (4+4+4/2)/12 with SGD momentum, (4+4+8/2)/16 with AdamW
     assert by["zero1_state_bytes_ratio"]["measured"] == pytest.approx(1000 / 1200)
-    assert not by["zero1_state_bytes_ratio"]["met"]
+    assert by["zero1_state_bytes_ratio"]["met"] and "0.833" in by["zero1_state_bytes_ratio"]["note"]
+    assert by["zero1_adamw_state_bytes_ratio"]["measured"] == pytest.approx(0.75)
+    assert by["zero1_adamw_state_bytes_ratio"]["met"] and "K=8" in by["zero1_adamw_state_bytes_ratio"]["note"]
+    assert by["zero_formula_max_error"]["measured"] == pytest.approx(0, abs=1e-9)
+    assert "fsdp adamw" in by["zero_formula_max_error"]["note"]
+    memory_only = [r for r in rows if r["optimizer"] == "adamw"]
+    assert len(memory_only) == 3 and not any("images_per_s" in r for r in memory_only)
     ddp2 = next(r for r in rows if r["strategy"] == "ddp" and r["world"] == 2 and r["variant"] == "sync")
     assert ddp2["comm_share"] == pytest.approx(1 - 3.4 / 3.5)
     assert any("2 threads" in n and "beats" in n for n in notes)  # 32/1.6 > 64/3.5: said plainly

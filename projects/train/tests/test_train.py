@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.env import missing
 from projects.train import checkpoint, data, train
 from projects.train.model import resnet50_cifar
 
@@ -251,7 +252,7 @@ def test_fake_cifar_loads_with_torchvision_loader(fake_cifar):
 
 def test_fashion_mnist_idx_loader():
     if not Path(data.FASHION_DIR).is_dir():
-        pytest.skip(f"Debian package dataset-fashion-mnist not installed ({data.FASHION_DIR} missing)")
+        pytest.skip(missing(f"Fashion-MNIST ({data.FASHION_DIR}, dataset-fashion-mnist)"))
     s = data.load_split("fashion-mnist", False, torch.device("cpu"), limit=100)
     assert s.images.shape == (100, 3, 32, 32) and s.num_classes == 10
     assert s.images[:, :, :2].max() == 0 and s.images.max() > 0  # zero padding of 2 around 28x28
@@ -335,7 +336,8 @@ def test_multinode_netns(runs, tmp_path):
     """Two 'hosts' as network namespaces joined by a veth pair, torchrun --nnodes=2 with c10d rendezvous,
     one process each: same parameters as one host with two processes."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 (`ip netns`) to make two hosts as network namespaces")
+        pytest.skip("needs root (and iproute2) to make two hosts as network namespaces" if os.geteuid() != 0
+                    else missing("iproute2 (`ip netns`)"))
     tag = str(os.getpid() % 100000)
     ns, dev, addr = [f"mn{tag}a", f"mn{tag}b"], [f"v{tag}a", f"v{tag}b"], ["10.77.0.1", "10.77.0.2"]
 
