@@ -70,7 +70,8 @@ def run(cmd: list[str], cwd: Path, log: Path, user: str | None) -> tuple[int, fl
     env |= {"PIP_NO_CACHE_DIR": "1", "PYTHONUNBUFFERED": "1"}
     if user:
         pw = pwd.getpwnam(user)
-        env |= {"HOME": pw.pw_dir, "USER": user, "LOGNAME": user}
+        # a user's own login: the system Python (root's pyenv lives in /root, which others cannot read)
+        env |= {"HOME": pw.pw_dir, "USER": user, "LOGNAME": user, "PATH": "/usr/local/bin:/usr/bin:/bin"}
         cmd = ["runuser", "-u", user, "--", *cmd]
     lines = []
     t0 = time.perf_counter()
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                       text=True).stdout.strip():
         print("warning: uncommitted changes are not in the clone (it clones HEAD)", file=sys.stderr)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mlsys-fresh-"))
+    work.chmod(0o755)  # the non-root user's clone lives below it
     if args.purge:
         purge()
     before = {p: installed(p) for p in PACKAGES}
