@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                       text=True).stdout.strip():
         print("warning: uncommitted changes are not in the clone (it clones HEAD)", file=sys.stderr)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mlsys-fresh-"))
+    work.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # the non-root user's clone lives below it
     if args.purge:
         purge()
