@@ -72,11 +72,12 @@ def run(cmd: list[str], cwd: Path, log: Path, user: str | None) -> tuple[int, fl
         pw = pwd.getpwnam(user)
         # a user's own login: the system Python (root's pyenv lives in /root, which others cannot read)
         env |= {"HOME": pw.pw_dir, "USER": user, "LOGNAME": user, "PATH": "/usr/local/bin:/usr/bin:/bin"}
-        cmd = ["runuser", "-u", user, "--", *cmd]
+    ids = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []} if user else {}
     lines = []
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             **ids)
         for line in p.stdout:
             sys.stdout.write(line)
             f.write(line)
