@@ -26,7 +26,8 @@ if [ -n "$index" ] && [ ! -f "$index/manifest.json" ]; then
   did+=("bench index")
 fi
 if [ ${#did[@]} -gt 0 ]; then
-  echo "set-up: done (${did[*]})"
+  list=$(printf ', %s' "${did[@]}")
+  echo "set-up: done (${list:2}) in ${SECONDS} s"
 elif [ $missing -eq 0 ]; then
   echo "set-up: nothing to do (.venv, Debian packages, SmolLM2 GGUF${index:+, bench index} present)"
 fi
