@@ -16,7 +16,6 @@ Clones HEAD: commit first. pip runs with its download cache off (PIP_NO_CACHE_DI
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pwd
 import re
@@ -25,12 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import report
 from benchmarks.record import RESULTS_DIR, goal, make_record, write_record
+from common import config
 from common.env import SETUP_HINT
-from common.provenance import REPO_ROOT
+from common.env import REPO_ROOT
 
 PACKAGES = ("nginx", "redis-server", "wordnet-base", "dataset-fashion-mnist")  # scripts/system_deps.sh, less iproute2
 SUMMARY = re.compile(r"^=*\s*((?:\d+ \w+(?:, )?)+) in ([\d.]+)s")
@@ -123,14 +124,22 @@ def measure(name: str, cmd: list[str], cwd: Path, log: Path, user: str | None = 
     return row
 
 
+@dataclass
+class FreshConfig:
+    purge: bool = False
+    """remove the Debian packages first (root)"""
+    user: str = ""
+    """also run `make test` as this non-root user (created if missing)"""
+    bench: bool = True
+    """run `make bench` after `make test`"""
+    copy: bool = True
+    """copy the clone's bench records into benchmarks/results"""
+    workdir: str = ""
+    """where the clones go (default: a new temp folder)"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.fresh", description=__doc__.splitlines()[0])
-    p.add_argument("--purge", action="store_true", help="remove the Debian packages first (root)")
-    p.add_argument("--user", default="", help="also run `make test` as this non-root user (created if missing)")
-    p.add_argument("--no-bench", action="store_true", help="stop after `make test`")
-    p.add_argument("--no-copy", action="store_true", help="keep the clone's bench records out of benchmarks/results")
-    p.add_argument("--workdir", type=Path, default=None, help="where the clones go (default: a new temp folder)")
-    args = p.parse_args(argv)
+    args = config.parse(FreshConfig, argv, prog="python -m benchmarks.fresh", description=__doc__.splitlines()[0])
     if os.geteuid() != 0:
         print("error: run as root (it installs and purges Debian packages, as `make test` does as root)",
               file=sys.stderr)
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True,
                       text=True).stdout.strip():
         print("warning: uncommitted changes are not in the clone (it clones HEAD)", file=sys.stderr)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="mlsys-fresh-"))
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mlsys-fresh-"))
     work.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # the non-root user's clone lives below it
     if args.purge:
@@ -152,13 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(measure("make test (non-root)", ["make", "test"], repo, work / "user-test.log", args.user))
     repo = clone(work / "root", None)
     rows.append(measure("make test", ["make", "test"], repo, work / "test.log"))
-    if not args.no_bench:
+    if args.bench:
         rows.append(measure("make bench", ["make", "bench"], repo, work / "bench.log"))
-    if not args.no_copy and not args.no_bench:
+    if args.copy and args.bench:
         for rec in sorted((repo / "benchmarks" / "results").glob("*.json")):
             if rec.name != "fresh.json":
                 shutil.copy2(rec, RESULTS_DIR / rec.name)
-    write_record(build_record(args, rows, before))
+    rec = build_record(args, rows, before)
+    # what ran is the clone (HEAD of this checkout, clean), not this working tree
+    rec["provenance"] |= {"commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                                                   text=True).stdout.strip(), "dirty": False}
+    write_record(rec)
     report.main([])
     print(f"fresh: logs in {work}")
     return 0 if all(r["exit"] == 0 for r in rows) else 1
@@ -204,8 +217,7 @@ def build_record(args, rows: list[dict], before: dict) -> dict:
             notes.append(f"{r['run']}: skipped: " + "; ".join(r["skip_reasons"]))
     cols = ["run", "user", "exit", "setup_min", "work_min", "wall_min", "passed", "failed", "skipped"]
     units = {c: "" for c in cols} | {"setup_min": "min", "work_min": "min", "wall_min": "min"}
-    cfg = {"purge": args.purge, "user": args.user, "bench": not args.no_bench}
-    return make_record("fresh", cfg, rows, goals, units=units, columns=cols, preset="default", notes=notes)
+    return make_record("fresh", args, rows, goals, units=units, columns=cols, preset="default", notes=notes)
 
 
 if __name__ == "__main__":

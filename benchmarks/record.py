@@ -22,11 +22,13 @@ import json
 import math
 import operator
 import os
+import sys
 import time
 from pathlib import Path
 
 from common.files import write_atomic  # noqa: F401  (re-exported: report.py, bench_worker.py)
-from common.provenance import REPO_ROOT, provenance
+from common.env import REPO_ROOT
+from common.provenance import provenance
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 # bench name (= results/<name>.json) -> the module that measures it (and may define `plot(rec, docs_dir)`).
@@ -104,8 +106,24 @@ _IMPORTED = time.time()
 
 
 def write_record(rec: dict, results_dir: Path = RESULTS_DIR) -> Path:
+    """Write the record atomically, then say where and how each goal came out (stderr)."""
     path = Path(results_dir) / f"{rec['bench']}.json"
     write_atomic(path, json.dumps(rec, indent=1, sort_keys=False) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    for g in rec["goals"]:
+        m = "—" if g["measured"] is None else f"{g['measured']:.4g}"
+        print(f"  {g['name']}: {m} {g['op']} {g['target']} -> {'met' if g['met'] else 'NOT met'}", file=sys.stderr)
+    return path
+
+
+def save_figure(fig, docs_dir: Path, name: str) -> Path:
+    """docs_dir/name from a matplotlib figure (tight layout, 120 dpi), the figure closed."""
+    import matplotlib.pyplot as plt
+    path = Path(docs_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.record import BENCHES, RESULTS_DIR, load_records, write_atomic
-from common.provenance import REPO_ROOT
+from common.env import REPO_ROOT
 
 DOCS = REPO_ROOT / "docs"
 MARKER = re.compile(r"(<!-- bench:(?P<name>[\w:-]+) -->\n)(?P<body>.*?)(<!-- /bench -->)", re.S)

@@ -15,7 +15,7 @@ import time
 
 from benchmarks import report
 from benchmarks.record import BENCHES
-from common.provenance import REPO_ROOT
+from common.env import REPO_ROOT
 
 
 def main(argv: list[str] | None = None) -> int:

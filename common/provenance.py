@@ -7,11 +7,11 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common.env import REPO_ROOT
+
 
 
 def _git(*args: str) -> str | None:

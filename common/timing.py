@@ -24,33 +24,29 @@ def percentile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def summarize(xs: Sequence[float]) -> dict[str, float]:
-    """median, p50/p90/p99, min, max, mean, std and n of a sample."""
-    if not xs:
-        raise ValueError("summarize of an empty sequence")
-    return {
-        "n": len(xs),
-        "median": statistics.median(xs),
-        "p50": percentile(xs, 50),
-        "p90": percentile(xs, 90),
-        "p99": percentile(xs, 99),
-        "min": min(xs),
-        "max": max(xs),
-        "mean": statistics.fmean(xs),
-        "std": statistics.pstdev(xs) if len(xs) > 1 else 0.0,
-    }
-
-
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
             device: torch.device | str | None = None) -> list[float]:
     """Seconds per call of `fn`, `repeats` times, after `warmup` untimed calls; synchronized."""
+    return _run(fn, warmup, repeats, device)[0]
+
+
+def timed(fn: Callable[[], object], *, warmup: int = 0, repeats: int = 5,
+          device: torch.device | str | None = None) -> tuple[float, object]:
+    """(median seconds per call, the last call's output): `repeats` synchronized calls after `warmup`."""
+    ts, out = _run(fn, warmup, repeats, device)
+    return statistics.median(ts), out
+
+
+def _run(fn, warmup: int, repeats: int, device) -> tuple[list[float], object]:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
         fn()
     synchronize(device)
-    out = []
+    ts, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         synchronize(device)
-        out.append(time.perf_counter() - t0)
-    return out
+        ts.append(time.perf_counter() - t0)
+    return ts, out

@@ -27,7 +27,7 @@ if [ -n "$index" ] && [ ! -f "$index/manifest.json" ]; then
 fi
 if [ ${#did[@]} -gt 0 ]; then
   list=$(printf ', %s' "${did[@]}")
-  echo "set-up: done (${list:2}) in ${SECONDS} s"
+  echo "set-up: done (${list:2})"
 elif [ $missing -eq 0 ]; then
   echo "set-up: nothing to do (.venv, Debian packages, SmolLM2 GGUF${index:+, bench index} present)"
 fi

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import record, report
 from common import device, memory, provenance, timing
-from common.provenance import REPO_ROOT
+from common.env import REPO_ROOT
 
 
 def test_percentile_hand_computed():
@@ -26,13 +26,19 @@ def test_percentile_matches_numpy():
         assert timing.percentile(xs, q) == pytest.approx(np.percentile(xs, q), rel=1e-12)
 
 
-def test_summarize_and_errors():
-    s = timing.summarize([1.0, 2.0, 3.0, 10.0])
-    assert s["median"] == 2.5 and s["max"] == 10.0 and s["n"] == 4 and s["mean"] == 4.0
+def test_percentile_errors():
     with pytest.raises(ValueError):
-        timing.summarize([])
+        timing.percentile([], 50)
     with pytest.raises(ValueError):
         timing.percentile([1.0], 101)
+
+
+def test_timed_returns_the_median_and_the_last_output():
+    calls = []
+    t, out = timing.timed(lambda: calls.append(1) or len(calls), warmup=2, repeats=3)
+    assert out == 5 and len(calls) == 5 and t >= 0
+    with pytest.raises(ValueError):
+        timing.timed(lambda: None, repeats=0)
 
 
 def test_time_fn_counts_only_timed_calls():

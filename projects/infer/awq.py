@@ -21,13 +21,8 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from projects.infer.gptq import block_inputs, rope_cos_sin
-from projects.infer.quantize import int4_dequantize, int4_qparams, int4_quantize_with
-
-
-def _fake_int4(W, group_size, clip=None):
-    s, z = int4_qparams(W, group_size, clip)
-    return int4_dequantize(int4_quantize_with(W, s, z, group_size), s, z, group_size)
+from projects.infer.gptq import block_inputs
+from projects.infer.quantize import fake_int4, int4_qparams, int4_quantize_with
 
 
 @torch.no_grad()
@@ -35,7 +30,7 @@ def search_scale(X: torch.Tensor, weights: list[torch.Tensor], group_size: int, 
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """X (n, K) inputs shared by weights [(N_i, K)] -> the best per-channel scale s (K,).
 
-    The 21 (n, K) x (K, sum N) products are most of AWQ's time; `dtype` bf16 runs them ~2.5x faster where the
+    The 21 (n, K) x (K, sum N) products are most of AWQ's time; `dtype` bf16 runs them faster where the
     hardware does bf16 (the scales and fake quantization stay fp32; bf16's ~0.4% relative rounding is far
     below the int4 error being compared, and reference and candidates are rounded alike)."""
     W = torch.cat([w.float() for w in weights])                                   # (sum N, K)
@@ -46,7 +41,7 @@ def search_scale(X: torch.Tensor, weights: list[torch.Tensor], group_size: int, 
     for a in range(grid):
         s = x_mean.pow(a / grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = (((X @ (_fake_int4(W * s, group_size) / s).to(dtype).t()).float() - ref) ** 2).mean().item()
+        err = (((X @ (fake_int4(W * s, group_size) / s).to(dtype).t()).float() - ref) ** 2).mean().item()
         if err < best:
             best, best_s = err, s
     return best_s
@@ -65,7 +60,7 @@ def search_clip(X: torch.Tensor, W: torch.Tensor, group_size: int, n_grid: int =
     for i in range(n_grid):
         r = 1 - 0.05 * i
         clip = torch.full((N, G), r, device=W.device)
-        dW = torch.nn.functional.pad(W - _fake_int4(W, group_size, clip), (0, pad)).view(N, G, group_size)
+        dW = torch.nn.functional.pad(W - fake_int4(W, group_size, clip), (0, pad)).view(N, G, group_size)
         err = torch.einsum("ngk,mgk->nmg", Xg, dW).pow(2).sum(0)                 # (N, G) output error
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -95,7 +90,7 @@ def awq(model, ids: torch.Tensor, group_size: int = 128, batch: int = 8, max_tok
     """AWQ on every block linear of a float model; folds the scales into it; returns {name: (q, s, z)}.
     `search_dtype`: the matmuls of the scale search (bf16 where the hardware does it: see search_scale)."""
     x = block_inputs(model, ids)
-    cos, sin = rope_cos_sin(model, ids.shape[1], x.device, x.dtype)
+    cos, sin = model.rope(torch.arange(ids.shape[1], device=x.device), x.dtype)   # (1, 1, T, hd)
     out = {}
     for li, layer in enumerate(tqdm(model.layers, desc="awq", disable=not progress, leave=False)):
         at, ff = layer.attention, layer.feed_forward

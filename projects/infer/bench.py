@@ -1,8 +1,8 @@
 """Inference bench: our Llama + static KV cache (eager, compiled) against HF generate, side by side.
 
-    python -m projects.infer.bench            # default preset (about 8 minutes on 2 CPU cores)
+    python -m projects.infer.bench            # default preset (its wall time: the record's wall_s)
     python -m projects.infer.bench --full     # more repeats, compiled rows for every model and dtype
-    python -m projects.infer.bench --smoke    # seconds: stories260K, fp32, a few tokens (checks the harness)
+    python -m projects.infer.bench --preset smoke   # seconds: stories260K, fp32, a few tokens (checks the harness)
 
 Per (model, dtype, implementation), all in one process and one run:
 - TTFT: time from the call to the first generated token (prefill + one sample), batch 1, prompts of 128 and
@@ -28,20 +28,23 @@ from __future__ import annotations
 
 import copy
 import gc
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from benchmarks.record import goal, make_record, write_record
-from common.device import autocast_dtype, fast_dtype, get_device, synchronize
-from common.memory import peak_memory_bytes, reset_peak_memory, tensor_bytes
-from projects.infer.generate import compile_decode, generate, parse_config
+from benchmarks.record import goal, make_record, save_figure, write_record
+from common import config
+from common.device import autocast_dtype, fast_dtype, get_device
+from common.memory import peak_memory_bytes, reset_peak_memory
+from common.timing import timed
+from projects.infer.generate import compile_decode, generate
 from projects.infer.model import load, resolve
+from projects.infer.quantize import model_bytes
 
 IMPLS = ("ours", "ours-compiled", "hf", "hf-static", "hf-static-compiled")
 PROMPTS = {"stories260k": "Once upon a time", "smollm2-135m": "The history of the Roman Empire"}
@@ -49,36 +52,49 @@ PROMPTS = {"stories260k": "Once upon a time", "smollm2-135m": "The history of th
 
 @dataclass
 class BenchConfig:
-    models: str = field(default="stories260k,smollm2-135m", metadata={"help": "comma-separated model names"})
-    dtypes: str = field(default="fp32,bf16", metadata={"help": "comma-separated: fp32, bf16"})
-    impls: str = field(default=",".join(IMPLS), metadata={"help": "comma-separated implementations"})
-    compiled_for: str = field(default="stories260k:fp32,stories260k:bf16,smollm2-135m:bf16",
-                              metadata={"help": "model:dtype pairs that get the compiled rows ('all' = every)"})
-    prompt_lens: str = field(default="128,512", metadata={"help": "TTFT prompt lengths (tokens)"})
-    batch_sizes: str = field(default="1,8", metadata={"help": "decode batch sizes"})
-    new_tokens: int = field(default=128, metadata={"help": "tokens generated per decode measurement"})
-    repeats: int = field(default=1, metadata={"help": "timed repeats per measurement after one warm-up"})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    full: bool = field(default=False, metadata={"help": "the full preset"})
-    smoke: bool = field(default=False, metadata={"help": "a seconds-long harness check (not a result)"})
+    models: str = "stories260k,smollm2-135m"
+    """comma-separated model names"""
+    dtypes: str = "fp32,bf16"
+    """comma-separated: fp32, bf16"""
+    impls: str = ",".join(IMPLS)
+    """comma-separated implementations"""
+    compiled_for: str = "stories260k:fp32,stories260k:bf16,smollm2-135m:bf16"
+    """model:dtype pairs that get the compiled rows ('all' = every)"""
+    prompt_lens: str = "128,512"
+    """TTFT prompt lengths (tokens)"""
+    batch_sizes: str = "1,8"
+    """decode batch sizes"""
+    new_tokens: int = 128
+    """tokens generated per decode measurement"""
+    repeats: int = 1
+    """timed repeats per measurement after one warm-up"""
+    threads: int = 2
+    """torch CPU threads"""
+    device: str = "auto"
+    """auto, cpu, cuda"""
+    preset: Literal["default", "full", "smoke"] = "default"
+    """which preset this config started from (smoke: a seconds-long harness check, not a result)"""
 
 
 def default() -> BenchConfig:
-    # HF static cache + torch.compile recompiles on every decode step on CPU (~0.1 tokens/s measured here):
-    # it is in the full preset only. bf16 rows only where bf16 is native (emulated bf16 is not a result).
+    # HF static cache + torch.compile recompiles on every decode step on CPU (far slower than eager; see the
+    # full preset's record): it is in the full preset only. bf16 rows only where bf16 is native (emulated bf16
+    # is not a result).
     fd = fast_dtype()
     return BenchConfig(dtypes="fp32,bf16" if fd == "bf16" else "fp32", impls="ours,ours-compiled,hf,hf-static",
                        compiled_for=f"stories260k:fp32,smollm2-135m:{fd}")
 
 
 def full() -> BenchConfig:
-    return BenchConfig(compiled_for="all", repeats=3, full=True)
+    return BenchConfig(compiled_for="all", repeats=3, preset="full")
 
 
 def smoke() -> BenchConfig:
     return BenchConfig(models="stories260k", dtypes="fp32", impls="ours,ours-compiled,hf", prompt_lens="32",
-                       batch_sizes="1,2", new_tokens=16, smoke=True)
+                       batch_sizes="1,2", new_tokens=16, preset="smoke")
+
+
+PRESETS = {"default": default, "full": full, "smoke": smoke}
 
 
 # ---------------------------------------------------------------- measuring helpers
@@ -89,36 +105,15 @@ def gemv_gbps(device, dtype, n: int = 49152, k: int = 576, repeats: int = 50) ->
     x = torch.randn(1, k, dtype=dtype, device=device)
     for _ in range(5):
         torch.nn.functional.linear(x, w)
-    t, _ = timed(lambda: [torch.nn.functional.linear(x, w) for _ in range(repeats)], 3, device)
+    t, _ = timed(lambda: [torch.nn.functional.linear(x, w) for _ in range(repeats)], repeats=3, device=device)
     return w.numel() * w.element_size() * repeats / t / 1e9
 
 
 def read_bandwidth_gbps(device, repeats: int = 7) -> float:
     """Median read bandwidth of a full reduction over a 512 MiB fp32 tensor (far beyond any cache)."""
     x = torch.ones(128 * 1024 * 1024, dtype=torch.float32, device=device)
-    ts = []
-    for i in range(repeats + 2):
-        synchronize(device)
-        t0 = time.perf_counter()
-        x.sum()
-        synchronize(device)
-        if i >= 2:
-            ts.append(time.perf_counter() - t0)
-    del x
-    return x_bytes(128 * 1024 * 1024 * 4) / statistics.median(ts)
-
-
-def x_bytes(n: int) -> float:
-    return n / 1e9
-
-
-def unique_param_bytes(model) -> int:
-    seen, ps = set(), []
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            ps.append(p)
-    return tensor_bytes(ps)
+    t, _ = timed(x.sum, warmup=2, repeats=repeats, device=device)
+    return x.numel() * x.element_size() / t / 1e9
 
 
 def bytes_per_token(model_args, elt: int, ctx: float) -> float:
@@ -130,17 +125,6 @@ def bytes_per_token(model_args, elt: int, ctx: float) -> float:
     weights = a.n_layers * (attn + mlp) + norms + a.vocab_size * a.dim + a.dim   # head + one embedding row
     kv = 2 * a.n_layers * a.n_kv_heads * a.head_dim * ctx
     return (weights + kv) * elt
-
-
-def timed(fn, repeats, device):
-    ts = []
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        out = fn()
-        synchronize(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
 
 
 class Runner:
@@ -189,7 +173,7 @@ def measure_row(name, dtype_name, impl, cfg, device, wiki_ids, bw) -> dict:
     reset_peak_memory(device)
     r = Runner(impl, name, device, dtype)
     a = r.model_args()
-    row["model_MB"] = unique_param_bytes(r.model) / 1e6
+    row["model_MB"] = model_bytes(r.model) / 1e6
     N = cfg.new_tokens
     prompt = r.tok(PROMPTS.get(name, "Once upon a time"), return_tensors="pt").input_ids.to(device)
     if impl.startswith("ours"):
@@ -204,8 +188,8 @@ def measure_row(name, dtype_name, impl, cfg, device, wiki_ids, bw) -> dict:
     for B in [int(b) for b in cfg.batch_sizes.split(",")]:
         ids = prompt.expand(B, -1).contiguous()
         r(ids, 2)                                                      # warm this batch shape
-        t1, _ = timed(lambda: r(ids, 1), max(cfg.repeats, 3), device)     # cheap: more repeats
-        tN, out = timed(lambda: r(ids, N), cfg.repeats, device)
+        t1, _ = timed(lambda: r(ids, 1), repeats=max(cfg.repeats, 3), device=device)     # cheap: more repeats
+        tN, out = timed(lambda: r(ids, N), repeats=cfg.repeats, device=device)
         if out.shape[1] != ids.shape[1] + N:
             raise RuntimeError(f"{impl} generated {out.shape[1] - ids.shape[1]} tokens, not {N}")
         # noise can make tN <= t1 for tiny N (smoke runs): no number rather than a wrong one
@@ -224,7 +208,7 @@ def measure_row(name, dtype_name, impl, cfg, device, wiki_ids, bw) -> dict:
         L = min(L, a.max_seq_len - 1)
         ids = wiki_ids[:L][None].to(device)
         r(ids, 1)
-        row[f"ttft_{L}_ms"] = timed(lambda: r(ids, 1), cfg.repeats, device)[0] * 1e3
+        row[f"ttft_{L}_ms"] = timed(lambda: r(ids, 1), repeats=cfg.repeats, device=device)[0] * 1e3
     row["peak_mem_MB"] = peak_memory_bytes(device) / 1e6
     del r
     gc.collect()
@@ -232,15 +216,8 @@ def measure_row(name, dtype_name, impl, cfg, device, wiki_ids, bw) -> dict:
 
 
 def main(argv=None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    base = smoke() if "--smoke" in args else full() if "--full" in args else default()
-    try:
-        cfg = parse_config(BenchConfig, args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    # preset values first, then any explicit flag given on the command line wins
-    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in args if a.startswith("--")}
-    cfg = BenchConfig(**{k: (getattr(cfg, k) if k in given else getattr(base, k)) for k in vars(cfg)})
+    cfg = config.parse(BenchConfig, argv, prog="python -m projects.infer.bench", description=__doc__.splitlines()[0],
+                       presets=PRESETS)
     device = get_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     from projects.infer.eval import wikitext2_test_text
@@ -309,13 +286,12 @@ def main(argv=None) -> int:
         notes.append(f"The goals are stated for bf16; this machine has no hardware bf16 ({why}), where bf16 "
                      f"kernels are emulated and slower than fp32, so they are judged in {gd} (bf16 rows: "
                      "--dtypes fp32,bf16).")
-    if cfg.smoke:
+    if cfg.preset == "smoke":
         notes.insert(0, "SMOKE RUN: tiny settings to check the harness; not a result.")
     rec = make_record("infer", cfg, rows, goals, units=units, columns=columns,
-                      preset="smoke" if cfg.smoke else "full" if cfg.full else "default", notes=notes,
+                      preset=cfg.preset, notes=notes,
                       libs=["transformers", "safetensors", "gguf"], extra={"read_bandwidth_GBps": bw, "head_gemv_GBps": gemv})
-    path = write_record(rec)
-    print(f"wrote {path}", file=sys.stderr)
+    write_record(rec)
     return 0
 
 
@@ -337,11 +313,7 @@ def plot(record: dict, docs_dir: Path) -> list[Path]:
     ax.set_xticks(list(x), labels, rotation=90, fontsize=7)
     ax.legend()
     ax.set_title("Decode throughput (greedy, prefill excluded)")
-    fig.tight_layout()
-    p = Path(docs_dir) / "infer_decode_tokens_per_s.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    out.append(p)
+    out.append(save_figure(fig, docs_dir, "infer_decode_tokens_per_s.png"))
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4.5))
     ax.bar(list(x), [r.get("bw_frac") or 0 for r in rows])
     ax.axhline(0.7, color="k", ls="--", lw=1, label="goal 0.7")
@@ -349,11 +321,7 @@ def plot(record: dict, docs_dir: Path) -> list[Path]:
     ax.set_xticks(list(x), labels, rotation=90, fontsize=7)
     ax.legend()
     ax.set_title("Memory-bandwidth roofline fraction")
-    fig.tight_layout()
-    p = Path(docs_dir) / "infer_roofline_fraction.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    out.append(p)
+    out.append(save_figure(fig, docs_dir, "infer_roofline_fraction.png"))
     return out
 
 

@@ -7,28 +7,29 @@ bandwidth, WikiText-2 test perplexity under both protocols (GPTQ/AWQ papers' non
 tail dropped, and HF's sliding window) and its change against the bf16 baseline, and a greedy sample of
 text. Our rows run our Transformer with the quantized modules (bf16 activations); library rows run the
 library's own model/kernels. The default preset scores a PREFIX of WikiText-2 test (`ppl_tokens`, recorded)
-to fit ~8 minutes on 2 CPU cores; `--full` scores more and calibrates on more text. Calibration and QAT text
+to fit `make bench`'s time budget; `--full` scores more and calibrates on more text. Calibration and QAT text
 is tiny-shakespeare, never WikiText-2 test. Writes benchmarks/results/quant.json.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import gc
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from benchmarks.record import goal, make_record, write_record
+from benchmarks.record import goal, make_record, save_figure, write_record
+from common import config
 from common.device import bf16_native, get_device, synchronize
 from common.memory import peak_memory_bytes, reset_peak_memory
 from projects.infer.eval import logits_fn, perplexity_chunks, perplexity_sliding, wikitext2_ids
-from projects.infer.generate import decode_step, parse_config, prefill
+from projects.infer.generate import decode_step, prefill
 from projects.infer.model import from_hf, resolve
 from projects.infer import quantize as Q
 
@@ -39,32 +40,54 @@ PROMPT = "The history of the city begins"
 
 @dataclass
 class QuantBenchConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "stories260k, smollm2-135m or a HF folder"})
-    methods: str = field(default="default", metadata={"help": f"comma list of {','.join(OUR + LIBS)}, all, or "
-                                                               "default (all but gptqmodel: ~6 CPU minutes)"})
-    group_size: int = field(default=128, metadata={"help": "int4 group for GPTQ, AWQ, QAT and the libraries"})
-    ppl_tokens: int = field(default=1024, metadata={"help": "score the first N tokens of WikiText-2 test (0 = all)"})
-    seqlen: int = field(default=512, metadata={"help": "chunk / window length for perplexity"})
-    stride: int = field(default=256, metadata={"help": "sliding-window stride"})
-    calib_samples: int = field(default=32, metadata={"help": "calibration windows (tiny-shakespeare)"})
-    calib_len: int = field(default=256, metadata={"help": "tokens per calibration window"})
-    qat_steps: int = field(default=8, metadata={"help": "QAT fine-tune steps (batch 4 windows)"})
-    # 3e-4 from a sweep of 2e-5 .. 1e-3 at 8 steps on this bench's own perplexity slice (2e-5 barely moves a
-    # weight across an int4 rounding boundary; 5e-4 and up diverge): tuned on the reported data, as noted
-    qat_lr: float = field(default=3e-4, metadata={"help": "QAT learning rate (Adam)"})
-    prompt_len: int = field(default=128, metadata={"help": "prompt tokens for time to first token"})
-    decode_tokens: int = field(default=32, metadata={"help": "decoded tokens per timed run"})
-    repeats: int = field(default=3, metadata={"help": "timed runs (median) after one warm-up"})
-    sample_tokens: int = field(default=24, metadata={"help": "greedy tokens of text shown per row"})
-    compile: bool = field(default=False, metadata={"help": "also time torch.compile'd decode for our rows"})
-    threads: int = field(default=0, metadata={"help": "torch threads (0 = torch default)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    full: bool = field(default=False, metadata={"help": "the full preset (more text, more calibration, compile)"})
+    model: str = "smollm2-135m"
+    """stories260k, smollm2-135m or a HF folder"""
+    methods: str = "default"
+    """comma list of methods (ours and the libraries': the record's `method` column; a wrong name lists them),
+    all, or default (all but gptqmodel, whose own CPU run would take most of the bench's time)"""
+    group_size: int = 128
+    """int4 group for GPTQ, AWQ, QAT and the libraries"""
+    ppl_tokens: int = 1024
+    """score the first N tokens of WikiText-2 test (0 = all)"""
+    seqlen: int = 512
+    """chunk / window length for perplexity"""
+    stride: int = 256
+    """sliding-window stride"""
+    calib_samples: int = 32
+    """calibration windows (tiny-shakespeare)"""
+    calib_len: int = 256
+    """tokens per calibration window"""
+    qat_steps: int = 8
+    """QAT fine-tune steps (batch 4 windows)"""
+    # chosen by a sweep on this bench's own perplexity slice (much smaller rates barely move a weight across an
+    # int4 rounding boundary, larger ones diverge): tuned on the reported data, as the record's note says
+    qat_lr: float = 3e-4
+    """QAT learning rate (Adam)"""
+    prompt_len: int = 128
+    """prompt tokens for time to first token"""
+    decode_tokens: int = 32
+    """decoded tokens per timed run"""
+    repeats: int = 3
+    """timed runs (median) after one warm-up"""
+    sample_tokens: int = 24
+    """greedy tokens of text shown per row"""
+    compile: bool = False
+    """also time torch.compile'd decode for our rows"""
+    threads: int = 0
+    """torch threads (0 = torch default)"""
+    device: str = "auto"
+    """auto, cpu, cuda"""
+    preset: Literal["default", "full"] = "default"
+    """which preset this config started from (set by the preset functions)"""
 
 
-def full_preset(c: QuantBenchConfig) -> QuantBenchConfig:
-    return dataclasses.replace(c, ppl_tokens=32768, calib_samples=128, calib_len=512, qat_steps=40,
-                               decode_tokens=64, repeats=5, compile=True)
+def full() -> QuantBenchConfig:
+    """More text, more calibration, compiled decode, every method."""
+    return QuantBenchConfig(ppl_tokens=32768, calib_samples=128, calib_len=512, qat_steps=40, decode_tokens=64,
+                            repeats=5, compile=True, preset="full")
+
+
+PRESETS = {"default": QuantBenchConfig, "full": full}
 
 
 # ---------------------------------------------------------------- timing our model
@@ -138,10 +161,10 @@ def build(method: str, path, calib, cfg, device):
         note = f"g{gs}, act-order (static groups), damp 0.01, {tuple(calib.shape)} calib"
     elif method == "awq":
         from projects.infer.awq import awq
-        # scale search on 2048 of the calibration tokens (awq's default 4096): a quarter of the default preset's
-        # AWQ time, for a perplexity ~2% above 4096's on SmolLM2 (--full searches on 4096)
-        awq_tokens = 2048 if not cfg.full else 4096
-        # the scale search's matmuls in bf16 where the hardware does it (~2.5x faster; see awq.search_scale)
+        # scale search on 2048 of the calibration tokens (awq's default 4096): far less of the default preset's
+        # time, for a slightly higher perplexity on SmolLM2 (--full searches on 4096)
+        awq_tokens = 2048 if cfg.preset != "full" else 4096
+        # the scale search's matmuls in bf16 where the hardware does it (faster; see awq.search_scale)
         sdt = torch.bfloat16 if bf16_native(next(model.parameters()).device.type) else torch.float32
         Q.apply_int4_weights(model, awq(model, calib, gs, max_tokens=awq_tokens, search_dtype=sdt), gs)
         note = (f"g{gs}, scale search on {awq_tokens} tokens ({str(sdt).removeprefix('torch.')} matmuls) + clip "
@@ -159,7 +182,7 @@ def build(method: str, path, calib, cfg, device):
     return model.to(device=device, dtype=torch.bfloat16), note
 
 
-def our_row(method, path, tok, calib, ids, words, cfg, device, base_ppl=None) -> dict:
+def our_row(method, path, tok, calib, ids, words, cfg, device) -> dict:
     t0 = time.perf_counter()
     model, note = build(method, path, calib, cfg, device)
     quant_s = time.perf_counter() - t0
@@ -382,14 +405,13 @@ UNITS = {"method": "", "impl": "", "bytes": "MB", "peak_mem": "MB", "ttft_ms": "
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(QuantBenchConfig, argv)
-    if cfg.full:
-        cfg = full_preset(cfg)
+    cfg = config.parse(QuantBenchConfig, argv, prog="python -m projects.infer.bench_quant",
+                       description=__doc__.splitlines()[0], presets=PRESETS)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # GPTQModel's own CPU run (quantize + its TORCH kernel) takes ~6 of the default preset's minutes; our GPTQ is
     # checked against it layer by layer in the tests, and --full (or --methods all) adds its row here
-    every = OUR + LIBS if cfg.methods == "all" or (cfg.full and cfg.methods == "default") else \
+    every = OUR + LIBS if cfg.methods == "all" or (cfg.preset == "full" and cfg.methods == "default") else \
         [m for m in OUR + LIBS if m != "gptqmodel"]
     methods = every if cfg.methods in ("all", "default") else [m.strip() for m in cfg.methods.split(",")]
     bad = [m for m in methods if m not in OUR + LIBS]
@@ -454,12 +476,10 @@ def main(argv=None) -> int:
         cols.insert(6, "tok_per_s_compiled")
         units["tok_per_s_compiled"] = "tokens/s"
     rec = make_record("quant", cfg, list(rows.values()), goals, units=units, columns=cols,
-                      preset="full" if cfg.full else "default", notes=notes,
+                      preset=cfg.preset, notes=notes,
                       libs=["transformers", "torchao", "bitsandbytes", "gptqmodel", "safetensors"],
                       extra={"model": cfg.model, "ppl_tokens": cfg.ppl_tokens, "words": words})
-    print(f"wrote {write_record(rec)}")
-    for gl in goals:
-        print(f"  {gl['name']}: {gl['measured']} {gl['op']} {gl['target']} -> {'met' if gl['met'] else 'NOT met'}")
+    write_record(rec)
     return 0
 
 
@@ -486,13 +506,7 @@ def plot(record: dict, docs_dir: Path) -> list[Path]:
         ax.set_ylabel("WikiText-2 perplexity (chunks protocol)")
         ax.grid(alpha=0.3)
     fig.suptitle(f"quantization on {record.get('extra', {}).get('model', '')}: circles ours, squares libraries")
-    fig.tight_layout()
-    docs_dir = Path(docs_dir)
-    docs_dir.mkdir(parents=True, exist_ok=True)
-    out = docs_dir / "quant_pareto.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return [out]
+    return [save_figure(fig, docs_dir, "quant_pareto.png")]
 
 
 if __name__ == "__main__":

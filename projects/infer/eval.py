@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from projects.infer.model import assets_root, offline
+from common.env import assets_root, offline
 
 
 def wikitext2_test_lines() -> list[str]:
@@ -126,19 +126,25 @@ def wikitext2_ids(tok, max_tokens: int = 0) -> tuple[torch.Tensor, int]:
 
 @dataclass
 class EvalConfig:
-    model: str = field(default="stories260k", metadata={"help": "stories260k, smollm2-135m, a HF folder or hub name"})
-    max_length: int = field(default=512, metadata={"help": "sliding window length (tokens)"})
-    stride: int = field(default=256, metadata={"help": "sliding window stride (tokens)"})
-    max_tokens: int = field(default=0, metadata={"help": "evaluate only the first N tokens (0 = all)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    dtype: str = field(default="fp32", metadata={"help": "fp32 or bf16"})
+    model: str = "stories260k"
+    """stories260k, smollm2-135m, a HF folder or hub name"""
+    max_length: int = 512
+    """sliding window length (tokens)"""
+    stride: int = 256
+    """sliding window stride (tokens)"""
+    max_tokens: int = 0
+    """evaluate only the first N tokens (0 = all)"""
+    device: str = "auto"
+    """auto, cpu, cuda"""
+    dtype: str = "fp32"
+    """fp32 or bf16"""
 
 
 def main(argv=None) -> int:
     from common.device import autocast_dtype, get_device
-    from projects.infer.generate import parse_config
+    from common import config
     from projects.infer.model import load
-    cfg = parse_config(EvalConfig, argv)
+    cfg = config.parse(EvalConfig, argv, prog="python -m projects.infer.eval", description=__doc__.splitlines()[0])
     try:
         device = get_device(cfg.device)
         model, tok = load(cfg.model, device, autocast_dtype(device, cfg.dtype) or torch.float32)

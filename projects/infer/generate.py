@@ -15,14 +15,13 @@ written as padding and trimmed, so the output is the same as checking every toke
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from common import config
 from common.device import autocast_dtype, get_device, synchronize
 from projects.infer.model import Transformer, load
 
@@ -151,34 +150,33 @@ def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, *
 # ---------------------------------------------------------------- CLI
 @dataclass
 class GenConfig:
-    model: str = field(default="stories260k", metadata={"help": "stories260k, smollm2-135m, a HF folder or hub name"})
-    prompt: str = field(default="Once upon a time", metadata={"help": "the prompt text"})
-    max_new_tokens: int = field(default=100, metadata={"help": "tokens to generate"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
-    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0 = off)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1 = off)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
-    dtype: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (CUDA)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the decode step"})
-    chat: bool = field(default=False, metadata={"help": "wrap the prompt in the tokenizer's chat template"})
-
-
-def parse_config(cls, argv):
-    """Flags generated from a dataclass: --field-name VALUE, help from its metadata; unknown flags exit 2."""
-    ap = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__.splitlines()[0])
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata.get("help"))
-        else:
-            typ = {"int": int, "float": float, "str": str}[str(f.type)]
-            ap.add_argument(flag, type=typ, default=f.default, help=f.metadata.get("help"))
-    return cls(**vars(ap.parse_args(argv)))
+    model: str = "stories260k"
+    """stories260k, smollm2-135m, a HF folder or hub name"""
+    prompt: str = "Once upon a time"
+    """the prompt text"""
+    max_new_tokens: int = 100
+    """tokens to generate"""
+    temperature: float = 0.0
+    """0 = greedy"""
+    top_k: int = 0
+    """keep the k most likely tokens (0 = off)"""
+    top_p: float = 1.0
+    """nucleus sampling mass (1 = off)"""
+    seed: int = 0
+    """sampling seed"""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N"""
+    dtype: str = "fp32"
+    """fp32, bf16 or fp16 (CUDA)"""
+    compile: bool = False
+    """torch.compile the decode step"""
+    chat: bool = False
+    """wrap the prompt in the tokenizer's chat template"""
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(GenConfig, argv)
+    cfg = config.parse(GenConfig, argv, prog="python -m projects.infer.generate",
+                       description=__doc__.splitlines()[0])
     try:
         device = get_device(cfg.device)
         dtype = autocast_dtype(device, cfg.dtype) or torch.float32

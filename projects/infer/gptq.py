@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from projects.infer.quantize import block_linears, int4_dequantize, int4_qparams, int4_quantize_with
+from projects.infer.quantize import block_linears, int4_dequantize, int4_qparams
 
 
 def _quant_col(w, s, z):
@@ -92,14 +92,6 @@ def layer_error(W, q, scales, zeros, group_size, X):
     return ((X.float() @ (W.float() - Wq).t()) ** 2).mean().item()
 
 
-def rope_cos_sin(model, T: int, device, dtype):
-    """cos/sin (1, 1, T, hd) exactly as Transformer.forward builds them for positions 0..T-1."""
-    pos = torch.arange(T, device=device)[None]
-    freqs = pos[..., None].float() * model.inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 @torch.no_grad()
 def block_inputs(model, ids: torch.Tensor) -> torch.Tensor:
     """(n, T, dim) inputs of block 0 for calibration ids (n, T)."""
@@ -115,7 +107,7 @@ def gptq(model, ids: torch.Tensor, group_size: int = 128, damp: float = 0.01, ac
     see quantized inputs); call `apply_int4_weights` on the result for the packed int4 model.
     """
     x = block_inputs(model, ids)                                                  # (n, T, dim)
-    cos, sin = rope_cos_sin(model, ids.shape[1], x.device, x.dtype)
+    cos, sin = model.rope(torch.arange(ids.shape[1], device=x.device), x.dtype)   # (1, 1, T, hd)
     out = {}
     linears = block_linears(model)
     for li, layer in enumerate(tqdm(model.layers, desc="gptq", disable=not progress, leave=False)):
@@ -139,15 +131,6 @@ def gptq(model, ids: torch.Tensor, group_size: int = 128, damp: float = 0.01, ac
             lin.weight.copy_(int4_dequantize(q, s, z, group_size).to(lin.weight.dtype))
         for i in range(0, x.shape[0], batch):                 # next block's inputs, through quantized weights
             x[i:i + batch] = layer(x[i:i + batch], cos, sin, None, None)
-    return out
-
-
-def rtn_qparams(model, group_size: int) -> dict:
-    """Round-to-nearest int4 params for every block linear (the baseline GPTQ/AWQ are measured against)."""
-    out = {}
-    for name, _, _, lin in block_linears(model):
-        s, z = int4_qparams(lin.weight.detach(), group_size)
-        out[name] = (int4_quantize_with(lin.weight.detach(), s, z, group_size), s, z)
     return out
 
 

@@ -221,6 +221,13 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = None
         self.max_batch_size, self.max_seq_length = 0, 0
 
+    def rope(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B|1, 1, T, hd) of the rotary embedding at positions input_pos ((T,) or (B, T))."""
+        pos = input_pos if input_pos.dim() == 2 else input_pos[None]                     # (B|1, T)
+        freqs = pos[..., None].float() * self.inv_freq                                   # (B|1, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                                 # (B|1, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) in fp32."""
@@ -233,11 +240,8 @@ class Transformer(nn.Module):
             slots = torch.arange(self.max_seq_length or T, device=idx.device)
             mask = slots <= input_pos[..., None]                                         # (B|., T, S)
             mask = mask[:, None] if input_pos.dim() == 2 else mask[None, None]            # (B|1, 1, T, S)
-        pos = input_pos if input_pos.dim() == 2 else input_pos[None]                     # (B|1, T)
-        freqs = pos[..., None].float() * self.inv_freq                                   # (B|1, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                                 # (B|1, 1, T, hd)
         x = self.tok_embeddings(idx)                                                     # (B, T, dim)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rope(input_pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask)
         return self.output(self.norm(x)).float()

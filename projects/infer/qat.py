@@ -22,12 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from projects.infer.quantize import (Int4Linear, Int8Linear, W8A8Linear, _quantize_head_int8, block_linears,
-                                     int4_dequantize, int4_qparams, int4_quantize_with, int8_per_channel)
-
-
-def fake_int4(w, group_size):
-    s, z = int4_qparams(w.detach(), group_size)
-    return int4_dequantize(int4_quantize_with(w, s, z, group_size), s, z, group_size).to(w.dtype)
+                                     fake_int4, int8_per_channel)
 
 
 def fake_int8(w):

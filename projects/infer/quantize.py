@@ -1,10 +1,11 @@
 """Weight quantization applied from outside to the plain model, with real low-bit storage and kernels.
 
-    from projects.infer.quantize import quantize_int8, quantize_int4, quantize_w8a8, save_quantized, load_quantized
+    from projects.infer.quantize import quantize_int8, quantize_int4, quantize_w8a8
+    from projects.infer.checkpoint import save_quantized, load_quantized
     model = from_hf(path, dtype=torch.float32)     # quantize from fp32 masters
     quantize_int4(model, group_size=128)           # swaps nn.Linear for Int4Linear in place
     model.to(torch.bfloat16)                       # norms and scales to the compute dtype
-    save_quantized(model, "out/")                  # out/model.safetensors + out/quant.json
+    save_quantized(model, "out/")                  # out/model.safetensors + out/quant.json (checkpoint.py)
 
 Schemes (each replaces `nn.Linear` modules; the model code never knows):
 
@@ -26,38 +27,27 @@ Schemes (each replaces `nn.Linear` modules; the model code never knows):
   SmoothQuant (`smoothquant_scales`, alpha = 0.5) divides activation channel j by
   s_j = max|x_j|^a / max|w_j|^(1-a) and multiplies the weight's column j by it. Kernel: `torch._int_mm`
   (int8 x int8 -> int32) with per-token activation scales on CUDA and on CPUs with AMX int8; on other x86 CPUs
-  `_int_mm` has no vectorised path (measured ~100x slower than fp32 here), so the CPU path is FBGEMM's
+  `_int_mm` has no vectorised path (far slower than fp32), so the CPU path is FBGEMM's
   dynamic int8 linear (`quantized.linear_dynamic`: per-tensor uint8 activations, AVX2 `vpmaddubsw`, 7-bit
   activation range to avoid its int16 saturation).
 
-Checkpoints: `save_quantized` writes model.safetensors (integer tensors as stored, no kernel layouts) and
-quant.json (scheme, group size, per-module kind, model args, sha256 and byte size of the weights file);
-`load_quantized` builds the model on meta, applies the same module swaps and loads with assign=True; a
-file whose size/hash, keys, shapes or dtypes do not match its JSON raises one clear ValueError.
+Checkpoints of quantized models: checkpoint.py.
 
 Calibration data (`calibration_ids`): random windows of tiny-shakespeare (default) or WikiText-2 *valid*,
 never WikiText-2 test, which perplexity is reported on.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 import warnings
-from dataclasses import asdict
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.files import file_sha256, write_atomic
-
-from projects.infer.model import ModelArgs, Transformer, assets_root
-
-FORMAT_VERSION = 1
+from common.env import assets_root
+from projects.infer.model import Transformer
 
 
 # ---------------------------------------------------------------- int8 per-channel symmetric
@@ -92,7 +82,7 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and self.in_features % 8 == 0:
-            # CPU kernel: int8 weights read once, scale fused. Its fp32 path is unvectorised (~10x slower
+            # CPU kernel: int8 weights read once, scale fused. Its fp32 path is unvectorised (much slower
             # here), so fp32 goes through the dequantized matmul below; K % 8 != 0 crashes it (torch 2.14,
             # stories260K's 172-wide w2), so such layers do too
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.qweight, self.scales)
@@ -153,6 +143,13 @@ def int4_dequantize(q, scales, zeros, group_size):
     s = scales.float().repeat_interleave(group_size, 1)[:, :K]
     z = zeros.float().repeat_interleave(group_size, 1)[:, :K]
     return (q.float() - 8) * s + z
+
+
+def fake_int4(w: torch.Tensor, group_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """w rounded to its int4 grid (per group of input channels, asymmetric) and back, in w's dtype: what an
+    int4 layer computes with. Used by AWQ's searches and by QAT's forward."""
+    s, z = int4_qparams(w.detach(), group_size, clip)
+    return int4_dequantize(int4_quantize_with(w, s, z, group_size), s, z, group_size).to(w.dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -410,115 +407,6 @@ def calibration_ids(tok, n_samples: int = 32, seq_len: int = 256, source: str = 
     rng = random.Random(seed)
     starts = [rng.randrange(0, ids.numel() - seq_len) for _ in range(n_samples)]
     return torch.stack([ids[s:s + seq_len] for s in starts])
-
-
-# ---------------------------------------------------------------- checkpoints
-def _kinds(model: Transformer) -> dict[str, str]:
-    kinds = {}
-    for name, mod in model.named_modules():
-        for cls, k in ((Int8Linear, "int8"), (Int4Linear, "int4"), (W8A8Linear, "w8a8")):
-            if type(mod) is cls:
-                kinds[name] = k
-    if isinstance(model.tok_embeddings, Int8Embedding):
-        kinds["tok_embeddings"] = "int8_tied"
-    return kinds
-
-
-def save_quantized(model: Transformer, out_dir: str | Path) -> Path:
-    """out_dir/model.safetensors + out_dir/quant.json (scheme, per-module kind, args, file hash); atomic."""
-    from safetensors.torch import save_file
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.output, "weight", None) is getattr(model.tok_embeddings, "weight", None):
-        sd.pop("output.weight", None)  # tied float head: one copy
-    kinds = _kinds(model)
-    group = getattr(model, "quant_scheme", {}).get("group_size")
-    tensors = out_dir / "model.safetensors"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={"format": "pt", "mlsys_quant": str(FORMAT_VERSION)})
-        os.replace(tmp, tensors)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    meta = {"format_version": FORMAT_VERSION, **getattr(model, "quant_scheme", {"scheme": "none"}),
-            "group_size": group, "modules": kinds, "model_args": asdict(model.args),
-            "dtype": str(model.norm.weight.dtype).removeprefix("torch."),
-            "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-                        for k, v in sd.items()},
-            "file_bytes": tensors.stat().st_size, "sha256": file_sha256(tensors)}
-    write_atomic(out_dir / "quant.json", json.dumps(meta, indent=1) + "\n")
-    return out_dir
-
-
-def load_quantized(path: str | Path, device="cpu") -> Transformer:
-    """The model saved by save_quantized; ValueError (one line) on a missing, truncated or mismatched file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    path = Path(path)
-    meta_p, tensors = path / "quant.json", path / "model.safetensors"
-    if not meta_p.is_file() or not tensors.is_file():
-        raise ValueError(f"{path} is not a quantized checkpoint (needs quant.json and model.safetensors)")
-    try:
-        meta = json.loads(meta_p.read_text())
-        scheme, kinds, args = meta["scheme"], meta["modules"], ModelArgs(**meta["model_args"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{meta_p} is malformed ({type(e).__name__}: {e})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_p}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
-    size = tensors.stat().st_size
-    if size != meta["file_bytes"]:
-        raise ValueError(f"{tensors} has {size} bytes, quant.json says {meta['file_bytes']} (truncated or replaced)")
-    if file_sha256(tensors) != meta["sha256"]:
-        raise ValueError(f"{tensors} does not match the sha256 in quant.json (corrupt or replaced)")
-    try:
-        # safetensors hands back tensors at arbitrary (here 8-byte) offsets of one buffer; the CPU int8
-        # kernel (_weight_int8pack_mm, torch 2.14) segfaults on such unaligned weights, so each tensor gets
-        # its own (64-byte aligned) allocation
-        sd = {k: v.clone() for k, v in load_file(tensors, device=str(device)).items()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{tensors} cannot be read: {e}") from None
-    dtype = getattr(torch, meta["dtype"])
-    with torch.device("meta"):
-        model = Transformer(args)
-    gs = meta.get("group_size")
-    for name, parent, attr, lin in block_linears(model):
-        kind = kinds.get(name)
-        with torch.device("meta"):
-            if kind == "int8":
-                m = Int8Linear(lin.in_features, lin.out_features, dtype)
-            elif kind == "int4":
-                m = Int4Linear(lin.in_features, lin.out_features, gs, dtype)
-            elif kind == "w8a8":
-                m = W8A8Linear(lin.in_features, lin.out_features, dtype)
-            else:
-                continue
-        setattr(parent, attr, m)
-    if kinds.get("output") == "int8":
-        with torch.device("meta"):
-            model.output = Int8Linear(args.dim, args.vocab_size, dtype)
-        if kinds.get("tok_embeddings") == "int8_tied":
-            model.tok_embeddings = Int8Embedding(model.output)
-    expected = model.state_dict()
-    if args.tie_embeddings and "output.weight" in expected and "output.weight" not in sd:
-        expected.pop("output.weight")
-    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{tensors} does not match scheme {scheme!r}: missing {missing[:3]}, unexpected {extra[:3]}")
-    for k, v in expected.items():
-        # integer tensors must match exactly; float ones (norms, scales) may be any float dtype
-        int_mismatch = not (v.is_floating_point() and sd[k].is_floating_point()) and v.dtype != sd[k].dtype
-        if v.shape != sd[k].shape or int_mismatch:
-            raise ValueError(f"{tensors}: {k} is {sd[k].dtype} {tuple(sd[k].shape)}, scheme {scheme!r} "
-                             f"needs {v.dtype} {tuple(v.shape)}")
-    model.load_state_dict(sd, strict=False, assign=True)
-    if args.tie_embeddings and not isinstance(model.output, Int8Linear):
-        model.output.weight = model.tok_embeddings.weight
-    from projects.infer.model import rope_inv_freq
-    model.inv_freq = rope_inv_freq(args).to(device)
-    model.quant_scheme = {k: meta[k] for k in ("scheme", "group_size", "smoothquant") if k in meta}
-    return model.eval()
 
 
 def model_bytes(model: nn.Module) -> int:

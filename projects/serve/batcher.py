@@ -56,7 +56,15 @@ class Timing:
     """Per-request timings, for the x-queue-time / x-inference-time headers (seconds)."""
     queue_s: float = 0.0
     inference_s: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)
+
+
+async def cancel(task: asyncio.Task) -> None:
+    """Cancel a worker task and wait until it has stopped."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
 
 
 class Batcher:
@@ -84,7 +92,6 @@ class Batcher:
         self.computed = 0
         self.dropped = 0
         self.rejected = 0
-        self.busy = False                 # a batch is running now
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -98,11 +105,7 @@ class Batcher:
         """Stop the worker; queued entries are refused (the app drains in-flight requests before this)."""
         if self._task is None:
             return
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        await cancel(self._task)
         self._task = None
         while self._q:
             e = self._q.popleft()
@@ -212,7 +215,6 @@ class Batcher:
             pc0 = time.perf_counter()
             for e in batch:
                 e.t_start = pc0
-            self.busy = True
             try:
                 results = await loop.run_in_executor(self._executor, self.fn, [e.item for e in batch])
                 if len(results) != len(batch):
@@ -226,8 +228,6 @@ class Batcher:
                 results, error = None, exc
             else:
                 error = None
-            finally:
-                self.busy = False
             pc1 = time.perf_counter()
             dt = pc1 - pc0
             self._batch_s_ewma = dt if self.batches == 0 else 0.8 * self._batch_s_ewma + 0.2 * dt

@@ -1,7 +1,7 @@
 """The serving bench: the real service behind nginx on loopback, measured side by side in one run.
 
-    python -m projects.serve.bench                # default preset (~4 min on 2 cores); make bench-serve
-    python -m projects.serve.bench --full         # longer levels, fp32 serving too
+    python -m projects.serve.bench                # default preset; make bench-serve
+    python -m projects.serve.bench --full         # 10 s levels and capacity runs
     python -m projects.serve.bench --index-dir runs/serve/index-smoke --level-s 2   # a quick smoke run
 
 Needs an index of >= 100k passages (`make bench-serve` builds runs/serve/index-100k: the first 100k of
@@ -33,13 +33,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from common import config
+from common.env import REPO_ROOT
+from common.timing import timed
 from projects.serve import loadtest
-from projects.serve.cluster import REPO_ROOT, parse_config, port_free
+from projects.serve.procs import port_free
+from projects.serve.settings import Settings
+from projects.serve.supervisor import ClusterConfig
 
-SLO_NOTE = "p99 of successful requests"
 KILL_LOAD = 0.3   # offered load of the SIGKILL experiment, as a fraction of the deployment's capacity
 
 
@@ -48,7 +53,7 @@ class BenchConfig:
     index_dir: str = "runs/serve/index-100k"
     """the served index (`make bench-serve` builds it: python -m projects.serve.index --limit 100000);
     ANN goals need >= 100k passages"""
-    embed_dtype: str = "auto"
+    embed_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """served embedding dtype: fp32, bf16, or auto = bf16 where it is fast (CUDA, or a CPU with AMX /
     avx512_bf16), else fp32; the ceiling is measured in both where bf16 is fast"""
     slo_ms: float = 500.0
@@ -56,28 +61,23 @@ class BenchConfig:
     level_s: float = 3.0
     """seconds of open-loop arrivals per load level"""
     half_s: float = 10.0
-    """seconds of the 0.5x level, whose p99 / p50 is a goal: in 3 s at ~230 req/s a p99 rests on ~7
-    requests and moved 2.1-3.3 between runs; 10 s puts ~23 above it"""
+    """seconds of the 0.5x level, whose p99 / p50 is a goal: a p99 over a 3 s level rests on a handful of
+    requests and moved widely between runs"""
     capacity_s: float = 4.0
     """seconds of closed-loop saturation to measure capacity"""
     levels: str = "0.1,0.25,0.5,0.75,0.9,1.0,1.5,2.0"
     """offered load as fractions of measured capacity"""
-    replicas: int = 2
+    replicas: int = ClusterConfig.replicas
     """replicas of the served deployment (batch-1, dynamic batching, cache, SIGKILL), as `make serve` starts"""
-    threads: int = 1
+    threads: int = ClusterConfig.threads
     """threads per replica, each replica pinned to its own cores; the comparison deployment is 1 replica
     with replicas x threads threads (same cores)"""
-    max_batch_size: int = 32
+    max_batch_size: int = Settings.max_batch_size
     """dynamic batching: most texts per batch (a full batch must fit the SLO with one queued behind it)"""
     max_queue: int = 64
     """queued texts per replica before refusing: bounds the wait to ~max_queue / capacity, so accepted
-    requests keep their SLO under overload and the excess is refused at once"""
-    max_inflight: int = 64
-    """front-door admission: requests nginx lets through at once per replica (cluster --max-inflight, its
-    default): two full batches, one computing and one queued (a batch of 32 takes ~0.1 s on one thread), so
-    accepted requests keep the SLO under overload while Poisson bursts below capacity are not refused (32
-    refused 4% of requests at 0.75x capacity); the rest nginx refuses at once (0 = off: the replicas' queues
-    refuse)"""
+    requests keep their SLO under overload and the excess is refused at once. nginx's front-door admission
+    is the cluster's own default (ClusterConfig.max_inflight, as `make serve` runs it)"""
     nice: int = 10
     """replicas' niceness: the load generator shares the 2 cores, and its CPU (a real client's own machine)
     must not show up as server latency, nor the client starve while the replicas compute"""
@@ -96,13 +96,16 @@ class BenchConfig:
     """WordNet lemma queries for recall@10 (0 = skip the ANN goals)"""
     port: int = 18400
     """nginx port of the bench's clusters (replicas use port+11...)"""
-    full: bool = False
-    """the full preset: 10 s levels, fp32 serving beside bf16"""
+    preset: Literal["default", "full"] = "default"
+    """which preset this config started from (set by the preset functions)"""
 
 
+def full() -> BenchConfig:
+    """10 s levels and capacity runs."""
+    return BenchConfig(level_s=10.0, capacity_s=10.0, preset="full")
 
-def full_preset(cfg: BenchConfig) -> BenchConfig:
-    return dataclasses.replace(cfg, level_s=max(cfg.level_s, 10.0), capacity_s=max(cfg.capacity_s, 10.0))
+
+PRESETS = {"default": BenchConfig, "full": full}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -119,13 +122,9 @@ def offline_ceiling(texts: list[str], dtypes=("fp32", "bf16"), batch: int = 128,
     for dt in dtypes:
         emb = Embedder(dtype=dt)
         emb.encode(texts[:batch])                                   # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            v = np.concatenate([emb.encode(texts[i:i + batch]) for i in range(0, len(texts), batch)])
-            times.append(time.perf_counter() - t0)
-        vecs[dt] = v
-        out[dt] = {"texts_per_s": len(texts) / float(np.median(times)), "version": emb.version}
+        t, vecs[dt] = timed(lambda e=emb: np.concatenate([e.encode(texts[i:i + batch])
+                                                          for i in range(0, len(texts), batch)]), repeats=repeats)
+        out[dt] = {"texts_per_s": len(texts) / t, "version": emb.version}
         del emb
         gc.collect()
     if "fp32" in vecs and "bf16" in vecs:
@@ -179,23 +178,18 @@ def kv_cache_latency(name: str, n_tokens: int, n_points: int = 6, reps: int = 3)
     positions = list(range(every, n_tokens, every))
     res = {"positions": positions, "kv_ms": [], "no_kv_ms": []}
 
-    def timed(fn):
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return 1000 * float(np.median(ts))
+    def ms(fn):
+        return 1000 * timed(fn, repeats=reps)[0]
 
     with torch.inference_mode():
         model.setup_caches(1, n_tokens)
         model(ids[:, :every], torch.arange(every))                  # prefill
         for p in positions:
             model(ids[:, :p], torch.arange(p))                       # the cache holds 0..p-1
-            res["kv_ms"].append(timed(lambda: model(ids[:, p:p + 1], torch.tensor([p]))))
+            res["kv_ms"].append(ms(lambda: model(ids[:, p:p + 1], torch.tensor([p]))))
         model.remove_caches()
         for p in positions:
-            res["no_kv_ms"].append(timed(lambda: model(ids[:, :p + 1])))
+            res["no_kv_ms"].append(ms(lambda: model(ids[:, :p + 1])))
     res["model"] = name
     return res
 
@@ -203,18 +197,18 @@ def kv_cache_latency(name: str, n_tokens: int, n_points: int = 6, reps: int = 3)
 # --------------------------------------------------------------------------------------------------------
 # clusters
 class Served:
-    """`python -m projects.serve.cluster up --detach` with these settings; `stop()` brings it down."""
+    """`python -m projects.serve.cluster up --detach` of this cluster, its replicas running these settings;
+    leaving the `with` brings it down. The configs cross into the processes once, here: the cluster's as
+    flags, the replicas' as SERVE_* variables."""
 
-    def __init__(self, name: str, cfg: BenchConfig, *, replicas: int, threads: int, env: dict, pin=False):
-        self.run_dir = REPO_ROOT / "runs" / "serve" / "bench" / name
-        self.url = f"http://127.0.0.1:{cfg.port}"
-        self.args = ["--run-dir", str(self.run_dir), "--port", str(cfg.port), "--replica-port",
-                     str(cfg.port + 11), "--replicas", str(replicas), "--threads", str(threads),
-                     "--graceful-s", "10", "--ready-timeout-s", "300", "--max-inflight", str(cfg.max_inflight),
-                     "--nice", str(cfg.nice)] + (["--pin"] if pin else [])
+    def __init__(self, name: str, cluster: ClusterConfig, settings: Settings):
+        self.cluster = cluster = dataclasses.replace(cluster, run_dir=str(REPO_ROOT / "runs/serve/bench" / name))
+        self.run_dir = Path(cluster.run_dir)
+        self.url = f"http://127.0.0.1:{cluster.port}"
+        self.args = config.to_argv(cluster)
         # closed-loop capacity runs this many users: no more than nginx admits (refused users would spin)
-        self.concurrency = min(64, cfg.max_queue, cfg.max_inflight * replicas or 64)
-        self.env = {**os.environ, **env}
+        self.concurrency = min(64, settings.max_queue, cluster.admitted(cluster.replicas) or 64)
+        self.env = {**os.environ, **settings.to_env()}
         self.name = name
 
     def __enter__(self):
@@ -266,12 +260,16 @@ def deployment(replicas: int, threads: int) -> str:
     return f"{replicas} replica{'s' * (replicas > 1)} x {threads} thread{'s' * (threads > 1)}"
 
 
-def serving_env(cfg: BenchConfig, **kw) -> dict:
-    env = {"SERVE_INDEX_DIR": cfg.index_dir, "SERVE_EMBED_DTYPE": cfg.embed_dtype, "SERVE_GEN_MODEL": "",
-           "SERVE_MAX_QUEUE": str(cfg.max_queue), "SERVE_MAX_TEXTS": str(min(cfg.max_queue, 256)),
-           "SERVE_OVERLOAD_STATUS": "429", "SERVE_CACHE_ENTRIES": "0"}
-    env.update({k: str(v) for k, v in kw.items()})
-    return env
+def served_settings(cfg: BenchConfig, **kw) -> Settings:
+    """What every bench replica runs: the bench's index and dtype, embeddings only, no cache unless asked.
+    Starts from the environment (offline mode), as a replica would."""
+    return dataclasses.replace(Settings.from_env({}), index_dir=cfg.index_dir, embed_dtype=cfg.embed_dtype,
+                               gen_model="", max_queue=cfg.max_queue, max_texts=0, cache_entries=0, **kw)
+
+
+def cluster_config(cfg: BenchConfig, replicas: int, threads: int, pin: bool = True) -> ClusterConfig:
+    return ClusterConfig(port=cfg.port, replica_port=cfg.port + 11, replicas=replicas, threads=threads, pin=pin,
+                         graceful_s=10, ready_timeout_s=300, nice=cfg.nice)
 
 
 def at_slo(levels: list[dict], slo_ms: float) -> float:
@@ -384,12 +382,8 @@ def _level(levels: list[dict], frac: float) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(BenchConfig, argv, __doc__)
-    if cfg.full:
-        cfg = full_preset(cfg)
-    if cfg.embed_dtype not in ("auto", "fp32", "bf16"):
-        print(f"error: --embed-dtype must be auto, fp32 or bf16, got {cfg.embed_dtype!r}", file=sys.stderr)
-        return 2
+    cfg = config.parse(BenchConfig, argv, prog="python -m projects.serve.bench", description=__doc__,
+                       presets=PRESETS)
     from common.device import fast_dtype
     bf16_ok = fast_dtype() == "bf16"
     if cfg.embed_dtype == "auto":
@@ -422,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = ("fp32", "bf16") if bf16_ok or cfg.embed_dtype == "bf16" else ("fp32",)
     if "bf16" not in dtypes:
         notes.append("bf16 not measured: this CPU has neither AMX nor AVX512-BF16, where torch emulates bf16 "
-                     "matmuls (~10x slower than fp32); served in fp32.")
+                     "matmuls (far slower than fp32); served in fp32.")
     ceil = offline_ceiling(texts[:cfg.ceiling_texts], dtypes)
     extra["ceiling"] = ceil
     for dt in dtypes:
@@ -487,14 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     served: dict[str, dict] = {}
     shape, alt = deployment(cfg.replicas, cfg.threads), deployment(1, cfg.replicas * cfg.threads)
     extra["deployments"] = {"main": shape, "alt": alt}
-    main_kw = dict(replicas=cfg.replicas, threads=cfg.threads, pin=True)
-    dyn_env = serving_env(cfg, SERVE_MAX_BATCH_SIZE=cfg.max_batch_size)
+    main_cluster = cluster_config(cfg, cfg.replicas, cfg.threads)
+    dynamic = served_settings(cfg, max_batch_size=cfg.max_batch_size)
     try:
         log(f"served: batch-1, {shape}")
-        with Served("batch1", cfg, **main_kw, env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=1)) as s:
+        with Served("batch1", main_cluster, served_settings(cfg, max_batch_size=1)) as s:
             served["batch1"] = sweep_experiment(s, wl, cfg, [x for x in levels if x <= 1.0], seed=1)
         log(f"served: dynamic batching, {shape}" + (", then SIGKILL a replica under load" * (cfg.replicas > 1)))
-        with Served("dynamic", cfg, **main_kw, env=dyn_env) as s:
+        with Served("dynamic", main_cluster, dynamic) as s:
             served["dynamic"] = sweep_experiment(s, wl, cfg, levels, seed=2)
             served["cache_off"] = cache_experiment(s, cfg, texts, seed=3)
             if cfg.replicas > 1:
@@ -503,12 +497,11 @@ def main(argv: list[str] | None = None) -> int:
                 served["kill"] = kill_experiment(s, cfg, texts, KILL_LOAD * served["dynamic"]["capacity_rps"],
                                                  seed=5)
         log("served: dynamic batching + cache, Zipf stream")
-        with Served("cache", cfg, **main_kw, env=serving_env(cfg, SERVE_MAX_BATCH_SIZE=cfg.max_batch_size,
-                                                             SERVE_CACHE_ENTRIES=100000)) as s:
+        with Served("cache", main_cluster, dataclasses.replace(dynamic, cache_entries=Settings.cache_entries)) as s:
             served["cache_on"] = cache_experiment(s, cfg, texts, seed=3, rate=served["cache_off"]["rate"])
         if alt != shape:
             log(f"served: dynamic batching, {alt}")
-            with Served("alt", cfg, replicas=1, threads=cfg.replicas * cfg.threads, env=dyn_env) as s:
+            with Served("alt", cluster_config(cfg, 1, cfg.replicas * cfg.threads, pin=False), dynamic) as s:
                 served["alt"] = sweep_experiment(s, wl, cfg, [0.5, 0.75, 1.0], seed=4)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -596,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     notes += [
         f"Load generator (open loop, Poisson arrivals, latency from the scheduled send time) on the same "
         f"{os.cpu_count()} cores as the service; 1 text per embeddings request, WordNet passages.",
-        f"Overload is refused with 429 + Retry-After: by nginx past {cfg.max_inflight} requests in flight per "
+        f"Overload is refused with 429 + Retry-After: by nginx past {main_cluster.max_inflight} requests in flight per "
         f"replica (limit_conn; the replica never sees them), and by a replica past {cfg.max_queue} queued texts. "
         f"Replicas run at nice {cfg.nice} so the load generator keeps the CPU a client on its own machine has.",
         "Continuous vs request-level batching for generation is not compared here (the service has the "
@@ -615,14 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     if "bf16_cosine_min" in ceil:
         notes.append(f"bf16 embeddings vs fp32 cosine: min {ceil['bf16_cosine_min']:.4f}, "
                      f"mean {ceil['bf16_cosine_mean']:.5f}.")
-    rec = make_record("serve", cfg, rows, goals, units=UNITS, columns=COLUMNS, preset="full" if cfg.full else "default",
+    rec = make_record("serve", cfg, rows, goals, units=UNITS, columns=COLUMNS, preset=cfg.preset,
                       notes=notes, libs=["torch", "transformers", "faiss", "fastapi", "uvicorn", "orjson", "aiohttp"], extra=extra)
     rec["provenance"]["nginx"] = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
-    path = write_record(rec)
-    log(f"wrote {path}")
-    for g in goals:
-        print(f"  {g['name']}: {g['measured']} {g['op']} {g['target']} -> {'met' if g['met'] else 'NOT met'}",
-              file=sys.stderr)
+    write_record(rec)
     return 0
 
 
@@ -632,6 +621,8 @@ def plot(record: dict, docs_dir: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from benchmarks.record import save_figure
     out = []
     served = (record.get("extra") or {}).get("served") or {}
     slo = record["config"]["slo_ms"]
@@ -653,11 +644,7 @@ def plot(record: dict, docs_dir: Path) -> list[Path]:
         ax.set_ylabel("latency (ms, from scheduled send)")
         ax.set_title("Embeddings through nginx: latency vs throughput (open loop)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = Path(docs_dir) / "serve_latency_throughput.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        out.append(p)
+        out.append(save_figure(fig, docs_dir, "serve_latency_throughput.png"))
     kv = (record.get("extra") or {}).get("kv_cache")
     if kv:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -667,11 +654,7 @@ def plot(record: dict, docs_dir: Path) -> list[Path]:
         ax.set_ylabel("ms per token")
         ax.set_title(f"Generation ({kv['model']}): per-token latency")
         ax.legend()
-        fig.tight_layout()
-        p = Path(docs_dir) / "serve_kv_cache.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        out.append(p)
+        out.append(save_figure(fig, docs_dir, "serve_kv_cache.png"))
     return out
 
 

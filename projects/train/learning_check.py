@@ -55,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = train.parse_config(["--preset", "fashion", *argv])
-    except train.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except SystemExit as e:  # a bad flag: parse_config has said why on one line
+        return int(e.code or 0)
     rc = train.main(["--preset", "fashion", *argv])
     if rc:
         return rc
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
              trained["eval_top1"], THRESHOLD)], units=units, columns=list(row), preset="fashion",
         notes=["Random weights expect 1/10 (classes are exchangeable at initialisation); 0.5 is > 40 binomial "
                "standard deviations above it on 1,000 test images."])
-    print(f"wrote {write_record(rec)}", file=sys.stderr)
+    write_record(rec)
     print(f"Fashion-MNIST test top-1 after {trained['step']} steps: {trained['eval_top1']:.3f}; untrained "
           f"weights: {rand:.3f}; largest class share: {share:.3f}; threshold {THRESHOLD} -> "
           f"{'PASS' if result['passed'] else 'FAIL'}")

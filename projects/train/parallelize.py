@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 from datetime import timedelta
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -40,8 +41,9 @@ from projects.train.model import blocks
 
 from common.device import dist_backend
 
-STRATEGIES = ("ddp", "zero1", "zero2", "fsdp")
-OPTIMIZERS = ("sgd", "adamw")
+Strategy = Literal["ddp", "zero1", "zero2", "fsdp"]
+Optimizer = Literal["sgd", "adamw"]
+STRATEGIES, OPTIMIZERS = get_args(Strategy), get_args(Optimizer)
 
 
 def init_distributed(device: torch.device, timeout: timedelta | None = None) -> tuple[int, int]:

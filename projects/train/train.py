@@ -21,7 +21,6 @@ Biases (offline unless WANDB_API_KEY is set; `--wandb off` disables it).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -29,66 +28,103 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import config
+from common.config import UsageError
 from common.device import autocast_dtype, get_device
 from projects.train import checkpoint, data, parallelize
 from projects.train.model import resnet50_cifar
 
 
-def _f(default, doc: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": doc, "choices": choices})
-
-
 @dataclass
 class Config:
-    strategy: str = _f("ddp", "ddp | zero1 (DDP + sharded optimizer) | zero2 | fsdp (FSDP2 ZeRO-2/3)",
-                       parallelize.STRATEGIES)
-    precision: str = _f("fp32", "fp32 | bf16 autocast | fp16 autocast + GradScaler (CUDA only)",
-                        ("fp32", "bf16", "fp16"))
-    device: str = _f("auto", "auto (CUDA if present, else CPU), cpu or cuda")
-    data: str = _f("cifar100", "cifar100 | fashion-mnist (Debian package, offline) | synthetic",
-                   ("cifar100", "fashion-mnist", "synthetic"))
-    data_dir: str = _f("", "folder holding cifar-100-python/ (default data/) or the Fashion-MNIST IDX files "
-                           "(default /usr/share/datasets/fashion-mnist)")
-    download: bool = _f(False, "download CIFAR-100 into --data-dir if it is not there (needs network)")
-    train_limit: int = _f(0, "use only the first N train images (0: all)")
-    eval_limit: int = _f(0, "evaluate on the first N test images only (0: all)")
-    batch_size: int = _f(128, "images per rank per micro-step; global batch = batch_size x world x accum")
-    accum: int = _f(1, "gradient accumulation micro-steps per optimizer step")
-    epochs: int = _f(200, "epochs to train (ignored when --max-steps is set)")
-    max_steps: int = _f(0, "optimizer steps to train (0: epochs x steps per epoch); the LR schedule spans them")
-    lr: float = _f(0.1, "peak learning rate")
-    optimizer: str = _f("sgd", "sgd (Nesterov momentum) | adamw (two fp32 moments: twice SGD's optimizer state; "
-                               "wants a far smaller --lr)", parallelize.OPTIMIZERS)
-    momentum: float = _f(0.9, "SGD momentum (Nesterov)")
-    weight_decay: float = _f(5e-4, "L2 weight decay on every parameter")
-    label_smoothing: float = _f(0.0, "label smoothing of the training loss")
-    schedule: str = _f("cosine", "cosine (linear warm-up, then cosine to 0) | onecycle", ("cosine", "onecycle"))
-    warmup: float = _f(0.01, "fraction of the steps spent warming up (one-cycle: rising)")
-    augment: bool = _f(True, "random crop (pad 4) + horizontal flip, on the device")
-    channels_last: bool = _f(False, "NHWC inputs (and weights, for ddp/zero1: FSDP2 refuses NHWC params)")
-    compile: bool = _f(False, "torch.compile each bottleneck block")
-    sync_bn: bool = _f(False, "SyncBatchNorm across ranks (CUDA only)")
-    seed: int = _f(0, "seed of the weights, the epoch orders and the augmentation")
-    out_dir: str = _f("runs/train", "metrics.jsonl, config.json and ckpt/ go here")
-    log_every: int = _f(50, "log metrics every N steps (the only host syncs of the loop)")
-    eval_every: int = _f(0, "evaluate every N steps (0: at the end only)")
-    ckpt_every: int = _f(0, "checkpoint every N steps (0: at the end only)")
-    keep: int = _f(3, "keep the newest K checkpoints")
-    resume: str = _f("", "'auto' (newest good checkpoint in out-dir/ckpt, if any) or a checkpoint directory")
-    stop_after: int = _f(0, "checkpoint and exit after this step, as if interrupted (resume with --resume auto)")
-    wandb: str = _f("auto", "auto (online if WANDB_API_KEY is set, else offline) | online | offline | off",
-                    ("auto", "online", "offline", "off"))
-    progress: bool = _f(True, "rank-0 progress bar")
-    kill_at_step: int = _f(0, "fault injection for tests: the last rank SIGKILLs itself after this step, "
-                              "first attempt only (TORCHELASTIC_RESTART_COUNT=0)")
+    strategy: parallelize.Strategy = "ddp"
+    """ddp | zero1 (DDP + sharded optimizer) | zero2 | fsdp (FSDP2 ZeRO-2/3)"""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """fp32 | bf16 autocast | fp16 autocast + GradScaler (CUDA only)"""
+    device: str = "auto"
+    """auto (CUDA if present, else CPU), cpu or cuda"""
+    data: Literal["cifar100", "fashion-mnist", "synthetic"] = "cifar100"
+    """cifar100 | fashion-mnist (Debian package, offline) | synthetic"""
+    data_dir: str = ""
+    """folder holding cifar-100-python/ (default data/) or the Fashion-MNIST IDX files (default
+    /usr/share/datasets/fashion-mnist)"""
+    download: bool = False
+    """download CIFAR-100 into --data-dir if it is not there (needs network)"""
+    train_limit: int = 0
+    """use only the first N train images (0: all)"""
+    eval_limit: int = 0
+    """evaluate on the first N test images only (0: all)"""
+    batch_size: int = 128
+    """images per rank per micro-step; global batch = batch_size x world x accum"""
+    accum: int = 1
+    """gradient accumulation micro-steps per optimizer step"""
+    epochs: int = 200
+    """epochs to train (ignored when --max-steps is set)"""
+    max_steps: int = 0
+    """optimizer steps to train (0: epochs x steps per epoch); the LR schedule spans them"""
+    lr: float = 0.1
+    """peak learning rate"""
+    optimizer: parallelize.Optimizer = "sgd"
+    """sgd (Nesterov momentum) | adamw (two fp32 moments: twice SGD's optimizer state; wants a far smaller
+    --lr)"""
+    momentum: float = 0.9
+    """SGD momentum (Nesterov)"""
+    weight_decay: float = 5e-4
+    """L2 weight decay on every parameter"""
+    label_smoothing: float = 0.0
+    """label smoothing of the training loss"""
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    """cosine (linear warm-up, then cosine to 0) | onecycle"""
+    warmup: float = 0.01
+    """fraction of the steps spent warming up (one-cycle: rising)"""
+    augment: bool = True
+    """random crop (pad 4) + horizontal flip, on the device"""
+    channels_last: bool = False
+    """NHWC inputs (and weights, for ddp/zero1: FSDP2 refuses NHWC params)"""
+    compile: bool = False
+    """torch.compile each bottleneck block"""
+    sync_bn: bool = False
+    """SyncBatchNorm across ranks (CUDA only)"""
+    seed: int = 0
+    """seed of the weights, the epoch orders and the augmentation"""
+    out_dir: str = "runs/train"
+    """metrics.jsonl, config.json and ckpt/ go here"""
+    log_every: int = 50
+    """log metrics every N steps (the only host syncs of the loop)"""
+    eval_every: int = 0
+    """evaluate every N steps (0: at the end only)"""
+    ckpt_every: int = 0
+    """checkpoint every N steps (0: at the end only)"""
+    keep: int = 3
+    """keep the newest K checkpoints"""
+    resume: str = ""
+    """'auto' (newest good checkpoint in out-dir/ckpt, if any) or a checkpoint directory"""
+    stop_after: int = 0
+    """checkpoint and exit after this step, as if interrupted (resume with --resume auto)"""
+    wandb: Literal["auto", "online", "offline", "off"] = "auto"
+    """auto (online if WANDB_API_KEY is set, else offline) | online | offline | off"""
+    progress: bool = True
+    """rank-0 progress bar"""
+    kill_at_step: int = 0
+    """fault injection for tests: the last rank SIGKILLs itself after this step, first attempt only
+    (TORCHELASTIC_RESTART_COUNT=0)"""
+
+    def __post_init__(self):
+        if self.accum < 1 or self.batch_size < 1:
+            raise ValueError("--accum and --batch-size must be >= 1")
+        if self.keep < 1 or self.log_every < 1:
+            raise ValueError("--keep and --log-every must be >= 1")
+        if min(self.max_steps, self.eval_every, self.ckpt_every, self.epochs) < 0:
+            raise ValueError("--max-steps, --eval-every, --ckpt-every and --epochs must be >= 0")
 
 
 # ------------------------------------------------------------------ presets: plain functions
@@ -103,12 +139,12 @@ def cifar100() -> Config:
 
 def fashion() -> Config:
     """A few CPU minutes on real Fashion-MNIST images, one-cycle; bf16 autocast where bf16 runs in hardware
-    (about twice fp32's images/s on an AVX512-BF16 CPU), fp32 elsewhere (emulated bf16 is many times slower)."""
+    (faster than fp32 there: the train record's bf16 row), fp32 elsewhere (emulated bf16 is far slower)."""
     from common.device import fast_dtype
     precision = fast_dtype()
-    # Picked over a few runs of this check (bf16, zero_init_residual): lr 0.0125 with augmentation learned
-    # steadily but ended at 49% top-1, 0.05 spiked at its peak and ended there too; 0.025 without augmentation
-    # passed with a margin. 100 steps of 32 images is far from overfitting, so crops and flips only slow it.
+    # Picked over a few runs of this check (bf16, zero_init_residual): half this lr with augmentation learned
+    # steadily but ended below the threshold, twice it spiked at its peak; this one without augmentation passed
+    # with a margin. 100 steps of 32 images is far from overfitting, so crops and flips only slow it.
     return Config(data="fashion-mnist", precision=precision, batch_size=32, max_steps=100, augment=False,
                   lr=0.025, schedule="onecycle", warmup=0.25, label_smoothing=0.0, eval_limit=1000,
                   log_every=10, out_dir="runs/fashion", wandb="off")
@@ -123,38 +159,10 @@ def smoke() -> Config:
 PRESETS = {"cifar100": cifar100, "fashion": fashion, "smoke": smoke}
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
-        raise UsageError(message)
-
-
 def parse_config(argv: list[str] | None) -> Config:
-    """Flags generated from Config's fields (their docs are the help); --preset first, flags override it."""
-    p = _Parser(prog="python -m projects.train.train", description=__doc__.split("\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from this preset")
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kw = {"default": None, "help": f.metadata["help"]}
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, choices=f.metadata["choices"], **kw)
-    args = vars(p.parse_args(argv))
-    cfg = PRESETS[args.pop("preset")]() if args.get("preset") else Config()
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in args.items() if v is not None})
-    if cfg.accum < 1 or cfg.batch_size < 1:
-        raise UsageError("--accum and --batch-size must be >= 1")
-    if cfg.keep < 1 or cfg.log_every < 1:
-        raise UsageError("--keep and --log-every must be >= 1")
-    if min(cfg.max_steps, cfg.eval_every, cfg.ckpt_every, cfg.epochs) < 0:
-        raise UsageError("--max-steps, --eval-every, --ckpt-every and --epochs must be >= 0")
-    return cfg
+    """Flags from Config's fields (their docstrings are the help); --preset first, explicit flags win."""
+    return config.parse(Config, argv, prog="python -m projects.train.train", description=__doc__.split("\n")[0],
+                        presets=PRESETS)
 
 
 # ------------------------------------------------------------------ schedule, loss, eval
@@ -382,7 +390,11 @@ def train(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return train(parse_config(argv))
+        cfg = parse_config(argv)
+    except SystemExit as e:  # --help, or a bad flag already said on one line
+        return int(e.code or 0)
+    try:
+        return train(cfg)
     except (UsageError, data.DataError, checkpoint.CheckpointError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)

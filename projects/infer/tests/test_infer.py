@@ -8,7 +8,8 @@ import torch
 
 from projects.infer import eval as ev
 from projects.infer.generate import decode_step, generate, main as gen_main, prefill
-from projects.infer.model import assets_root, load, resolve, smollm2_gguf
+from common.env import assets_root
+from projects.infer.model import load, resolve, smollm2_gguf
 
 STORIES = assets_root() / "lm" / "stories260K"
 pytestmark = pytest.mark.skipif(not (STORIES / "model.safetensors").is_file(),

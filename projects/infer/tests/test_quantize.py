@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from projects.infer import checkpoint as ckpt
 from projects.infer import quantize as Q
-from projects.infer.model import assets_root
+from common.env import assets_root
 
 STORIES = assets_root() / "lm" / "stories260K"
 
@@ -123,15 +124,16 @@ def test_gptq_beats_rtn_on_real_layer(stories, name, gs):
 
 
 def test_awq_scale_search_not_worse_than_rtn(stories):
-    from projects.infer.awq import _fake_int4, search_scale
+    from projects.infer.awq import search_scale
+    from projects.infer.quantize import fake_int4
     W, X = _real_layer(stories, "layers.2.feed_forward.w1")
     s = search_scale(X, [W], 32)
-    rtn = ((X @ (W - _fake_int4(W, 32)).t()) ** 2).mean()
-    awq = ((X @ (W - _fake_int4(W * s, 32) / s).t()) ** 2).mean()
+    rtn = ((X @ (W - fake_int4(W, 32)).t()) ** 2).mean()
+    awq = ((X @ (W - fake_int4(W * s, 32) / s).t()) ** 2).mean()
     assert awq <= rtn  # alpha = 0 (s = 1) is in the grid, so the search can only improve
     # the bf16 search (the bench's on CPUs with bf16) lands within 2% of the fp32 search's output error
     s16 = search_scale(X, [W], 32, dtype=torch.bfloat16)
-    awq16 = ((X @ (W - _fake_int4(W * s16, 32) / s16).t()) ** 2).mean()
+    awq16 = ((X @ (W - fake_int4(W * s16, 32) / s16).t()) ** 2).mean()
     assert awq16 <= 1.02 * awq
 
 
@@ -150,10 +152,10 @@ def test_save_load_generates_same_tokens(stories, scheme, tmp_path):
     {"int8": Q.quantize_int8, "int4": lambda m: Q.quantize_int4(m, 32), "w8a8": Q.quantize_w8a8}[scheme](model)
     model.to(torch.bfloat16)
     before = _greedy(model, tok)
-    Q.save_quantized(model, tmp_path)
+    ckpt.save_quantized(model, tmp_path)
     meta = json.loads((tmp_path / "quant.json").read_text())
     assert meta["scheme"] == scheme
-    loaded = Q.load_quantized(tmp_path)
+    loaded = ckpt.load_quantized(tmp_path)
     assert torch.equal(_greedy(loaded, tok), before)
     assert Q.model_bytes(loaded) == Q.model_bytes(model)
 
@@ -171,30 +173,30 @@ def test_int8_model_close_to_float(stories):
 def test_corrupt_and_mismatched_checkpoints(stories, tmp_path):
     make, _ = stories
     model = Q.quantize_int4(make(), 32)
-    Q.save_quantized(model, tmp_path)
+    ckpt.save_quantized(model, tmp_path)
     f = tmp_path / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])                               # truncated
     with pytest.raises(ValueError, match="truncated"):
-        Q.load_quantized(tmp_path)
+        ckpt.load_quantized(tmp_path)
     f.write_bytes(data[:-8] + b"\x00" * 8)                               # same size, different bytes
     with pytest.raises(ValueError, match="sha256"):
-        Q.load_quantized(tmp_path)
+        ckpt.load_quantized(tmp_path)
     f.write_bytes(data)
     meta = json.loads((tmp_path / "quant.json").read_text())
     meta["group_size"] = 64                                              # JSON says g64, tensors are g32
     (tmp_path / "quant.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="needs"):
-        Q.load_quantized(tmp_path)
+        ckpt.load_quantized(tmp_path)
     meta["group_size"], meta["modules"] = 32, {k: "int8" for k in meta["modules"]}  # wrong scheme per module
     (tmp_path / "quant.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="does not match|needs"):
-        Q.load_quantized(tmp_path)
+        ckpt.load_quantized(tmp_path)
     (tmp_path / "quant.json").write_text("{not json")
     with pytest.raises(ValueError, match="malformed"):
-        Q.load_quantized(tmp_path)
+        ckpt.load_quantized(tmp_path)
     with pytest.raises(ValueError, match="not a quantized checkpoint"):
-        Q.load_quantized(tmp_path / "nope")
+        ckpt.load_quantized(tmp_path / "nope")
 
 
 @pytest.mark.slow

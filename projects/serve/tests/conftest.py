@@ -74,7 +74,7 @@ async def running(app):
 
 
 def settings(**kw):
-    from projects.serve.app import Settings
+    from projects.serve.settings import Settings
     base = dict(offline=True, index_dir="", gen_model="", warmup=False, max_wait_ms=5.0)
     base.update(kw)
     return Settings(**base)

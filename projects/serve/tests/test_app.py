@@ -212,7 +212,7 @@ def test_streaming_equals_greedy_and_continuous_batching(embedder, gen_parts):
     import torch
     from projects.infer.generate import generate
     from projects.infer.model import load
-    from projects.serve.generate import GenerationEngine
+    from projects.serve.engine import GenerationEngine
     model, tok = gen_parts
     ref_model, _ = load("stories260k", "cpu", torch.float32)   # its own caches: the engine owns model's
     prompts = ["Once upon a time", "The little dog", "Lily and Ben went to", "One day, a bird"]
@@ -251,7 +251,8 @@ def test_streaming_equals_greedy_and_continuous_batching(embedder, gen_parts):
 def test_quantized_generator_setting(gen_parts):
     """SERVE_GEN_QUANT puts projects.infer's int8/int4 linears under the engine; a bad value is refused."""
     from projects.infer.quantize import Int4Linear, Int8Linear
-    from projects.serve.app import Settings, make_engine
+    from projects.serve.app import make_engine
+    from projects.serve.settings import Settings
     with pytest.raises(ValueError, match="gen_quant"):
         Settings(gen_quant="int3")
     for scheme, cls in (("int8", Int8Linear), ("int4", Int4Linear)):

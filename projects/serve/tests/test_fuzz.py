@@ -48,7 +48,7 @@ def client(embedder, small_index):
     try:
         import torch
         from projects.infer.model import load
-        from projects.serve.generate import GenerationEngine
+        from projects.serve.engine import GenerationEngine
         model, tok = load("stories260k", "cpu", torch.float32)
         engine = GenerationEngine(model, tok, n_slots=2)
     except (ImportError, ValueError, OSError):

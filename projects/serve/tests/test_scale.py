@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from common.env import missing
-from projects.serve import autoscale, cluster, loadtest
+from projects.serve import autoscale, cluster, loadtest, nginx, procs, supervisor
 
 REPO = Path(__file__).resolve().parents[3]
 HAVE_NGINX = shutil.which("nginx") is not None
@@ -89,7 +89,9 @@ def _make_standin():
     return app
 
 
-standin_app = _make_standin() if os.environ.get("SERVE_STANDIN") == "1" else None
+def standin_app() -> FastAPI:
+    """The factory the replicas run (`uvicorn --factory ...:standin_app`)."""
+    return _make_standin()
 
 
 def free_port() -> int:
@@ -102,7 +104,7 @@ def free_range(n: int) -> int:
     """A base port with n free consecutive ports after it."""
     for _ in range(50):
         base = free_port()
-        if base + n < 65000 and all(cluster.port_free("127.0.0.1", base + i) for i in range(n)):
+        if base + n < 65000 and all(procs.port_free("127.0.0.1", base + i) for i in range(n)):
             return base
     raise RuntimeError("no free port range")
 
@@ -110,8 +112,8 @@ def free_range(n: int) -> int:
 # --------------------------------------------------------------------------------------------------------
 # nginx template
 def test_nginx_template_renders_with_the_routing_rules(tmp_path):
-    cfg = cluster.ClusterConfig(port=18000, next_upstream_tries=3)
-    text = cluster.render_nginx(cfg, tmp_path, [(18101, True), (18102, False)])
+    cfg = supervisor.ClusterConfig(port=18000, next_upstream_tries=3)
+    text = nginx.render_nginx(cfg, tmp_path, [(18101, True), (18102, False)])
     assert "{{" not in text and "least_conn;" in text
     assert "server 127.0.0.1:18101 max_fails=1 fail_timeout=2s;" in text
     assert "server 127.0.0.1:18102 max_fails=1 fail_timeout=2s down;" in text
@@ -129,40 +131,21 @@ def test_nginx_template_renders_with_the_routing_rules(tmp_path):
     # front-door admission on the idempotent routes, scaled by the replicas that are up (1 of 2 here)
     assert "limit_conn inflight 64;" in idem and "error_page 429 = @overloaded;" in idem
     assert "add_header Retry-After 1 always;" in blocks["@overloaded"]
-    off = cluster.render_nginx(cluster.ClusterConfig(max_inflight=0), tmp_path, [(18101, True)])
+    off = nginx.render_nginx(supervisor.ClusterConfig(max_inflight=0), tmp_path, [(18101, True)])
     assert "limit_conn inflight" not in off
     with pytest.raises(ValueError):
-        cluster.render_nginx(cfg, tmp_path, [])
-
-
-@pytest.mark.parametrize("module", ["projects.serve.bench", "projects.serve.cluster", "projects.serve.loadtest",
-                                    "projects.serve.index"])
-def test_every_entry_point_prints_its_help(module, capsys):
-    """Flags come from dataclass docstrings, which say things like "refused 4% of requests": argparse
-    %-formats help text, so an unescaped % crashed `--help` of the serving bench."""
-    import importlib
-    with pytest.raises(SystemExit) as e:
-        importlib.import_module(module).main(["--help"])
-    assert e.value.code == 0
-    assert "--" in capsys.readouterr().out
-
-
-def test_unknown_flags_exit_2():
-    from projects.serve import bench
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--no-such-flag", "1"])
-    assert e.value.code == 2
+        nginx.render_nginx(cfg, tmp_path, [])
 
 
 @pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
 def test_nginx_accepts_the_rendered_config(tmp_path):
-    cfg = cluster.ClusterConfig(port=free_port())
+    cfg = supervisor.ClusterConfig(port=free_port())
     (tmp_path / "nginx-tmp").mkdir()
-    (tmp_path / "nginx.conf").write_text(cluster.render_nginx(cfg, tmp_path, [(18101, True), (18102, True)]))
-    cluster.nginx_test(cfg, tmp_path)   # raises with nginx's message if rejected
+    (tmp_path / "nginx.conf").write_text(nginx.render_nginx(cfg, tmp_path, [(18101, True), (18102, True)]))
+    nginx.nginx_test(cfg, tmp_path)   # raises with nginx's message if rejected
     (tmp_path / "nginx.conf").write_text("http { bogus_directive on; }")
     with pytest.raises(RuntimeError, match="nginx -t rejected"):
-        cluster.nginx_test(cfg, tmp_path)
+        nginx.nginx_test(cfg, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -424,7 +407,7 @@ def test_replica_kill_rolling_restart_and_exact_stop(tmp_path):
     args = ["--app", "projects.serve.tests.test_scale:standin_app", "--port", str(port),
             "--replica-port", str(base), "--replicas", "2", "--run-dir", str(run_dir), "--graceful-s", "10",
             "--ready-timeout-s", "60"]
-    env = dict(os.environ, SERVE_STANDIN="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # not ours to stop
     try:
         r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "up", "--detach", *args], cwd=REPO,
@@ -481,10 +464,10 @@ def test_replica_kill_rolling_restart_and_exact_stop(tmp_path):
         r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        assert not any(cluster.pid_alive(p) for p in started.values())
+        assert not any(procs.pid_alive(p) for p in started.values())
         assert not list(run_dir.glob("*.pid"))
         assert bystander.poll() is None
-        assert cluster.port_free("127.0.0.1", port)
+        assert procs.port_free("127.0.0.1", port)
     finally:
         subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
                        capture_output=True, timeout=60)
@@ -533,7 +516,7 @@ def test_up_waits_until_nginx_itself_routes_to_the_replicas():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        cfg = cluster.ClusterConfig(host="0.0.0.0", port=srv.server_address[1])
+        cfg = supervisor.ClusterConfig(host="0.0.0.0", port=srv.server_address[1])
         assert not cluster._front_answers(cfg)       # 502
         assert not cluster._front_answers(cfg)       # 200 then 502: not yet
         assert cluster._front_answers(cfg)           # three in a row
@@ -551,7 +534,7 @@ def test_nginx_refuses_past_max_inflight_without_waiting(tmp_path):
     port, base = free_port(), free_range(4)
     args = ["--app", "projects.serve.tests.test_scale:standin_app", "--port", str(port), "--replica-port",
             str(base), "--replicas", "1", "--run-dir", str(run_dir), "--max-inflight", "2", "--nice", "5"]
-    env = dict(os.environ, SERVE_STANDIN="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
         r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "up", "--detach", *args], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=90)
@@ -582,8 +565,9 @@ def test_nginx_refuses_past_max_inflight_without_waiting(tmp_path):
 
 def test_dockerfile_and_k8s_manifests_match_the_app():
     import yaml
-    app_mod = pytest.importorskip("projects.serve.app")  # builds the app object; models load only at startup
-    settings_env = {f"SERVE_{f.name.upper()}" for f in __import__("dataclasses").fields(app_mod.Settings)}
+    from projects.serve.middleware import Metrics
+    from projects.serve.settings import Settings
+    settings_env = set(Settings().to_env())
     docs = {}
     for f in sorted((REPO / "deploy" / "k8s").glob("*.yaml")):
         for d in yaml.safe_load_all(f.read_text()):
@@ -600,10 +584,11 @@ def test_dockerfile_and_k8s_manifests_match_the_app():
     assert svc["spec"]["ports"][0]["targetPort"] in ("http", port)
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"] == dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
-    assert df["cmd"][:2] == ["uvicorn", "projects.serve.app:app"]
+    assert df["cmd"][:3] == ["uvicorn", "--factory", "projects.serve.app:create_app"]
 
     # probes hit the app's real routes, by the port's name
-    paths = {r.path for r in app_mod.app.routes}
+    from projects.serve.app import router
+    paths = {r.path for r in router.routes}
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert c[probe]["httpGet"]["path"] in paths and c[probe]["httpGet"]["port"] == "http"
@@ -616,7 +601,7 @@ def test_dockerfile_and_k8s_manifests_match_the_app():
     for env in ({e["name"]: e["value"] for e in c["env"]}, df["env"]):
         serve = {k: v for k, v in env.items() if k.startswith("SERVE_")}
         assert set(serve) <= settings_env, set(serve) - settings_env
-        s = app_mod.Settings.from_env(serve)
+        s = Settings.from_env(serve)
         assert str(s.threads) == env["OMP_NUM_THREADS"]          # thread pools sized alike
     assert c["resources"]["limits"]["cpu"] == {e["name"]: e["value"] for e in c["env"]}["SERVE_THREADS"]
 
@@ -624,7 +609,7 @@ def test_dockerfile_and_k8s_manifests_match_the_app():
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
     (m,) = hpa["spec"]["metrics"]
     from prometheus_client import generate_latest
-    exported = generate_latest(app_mod.Metrics().registry).decode()
+    exported = generate_latest(Metrics().registry).decode()
     assert f"# TYPE {m['pods']['metric']['name']} gauge" in exported
     assert m["pods"]["metric"]["name"] == autoscale.QUEUE_METRIC
     assert float(m["pods"]["target"]["averageValue"]) == autoscale.Autoscaler().target_queue
@@ -637,7 +622,7 @@ def test_down_stops_the_orphans_of_a_killed_supervisor(tmp_path):
     run_dir = tmp_path / "run"
     args = ["--app", "projects.serve.tests.test_scale:standin_app", "--port", str(free_port()),
             "--replica-port", str(free_range(4)), "--replicas", "2", "--run-dir", str(run_dir)]
-    env = dict(os.environ, SERVE_STANDIN="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
         r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "up", "--detach", *args], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=60)
@@ -645,11 +630,11 @@ def test_down_stops_the_orphans_of_a_killed_supervisor(tmp_path):
         started = cluster.started_pids(run_dir)
         assert len(started) == 4                       # supervisor, nginx, 2 replicas
         os.kill(started["supervisor"], signal.SIGKILL)  # nobody left to stop the children in order
-        _wait(lambda: not cluster.pid_alive(started["supervisor"]), 10, "the supervisor to die")
+        _wait(lambda: not procs.pid_alive(started["supervisor"]), 10, "the supervisor to die")
         r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "stopped nginx" in r.stdout, r.stdout + r.stderr
-        assert not any(cluster.pid_alive(p) for p in started.values())
+        assert not any(procs.pid_alive(p) for p in started.values())
     finally:
         subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
                        capture_output=True, timeout=60)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from projects.serve.batcher import DeadlineExceeded, Overloaded
+from projects.serve.batcher import DeadlineExceeded, Overloaded, cancel
 
 
 @dataclass(eq=False)
@@ -85,7 +85,6 @@ class GenerationEngine:
         self._task: asyncio.Task | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.steps = 0
-        self.prefills = 0
         self.dropped = 0
         self.rejected = 0
         self._step_s = 0.0
@@ -107,11 +106,7 @@ class GenerationEngine:
     async def stop(self) -> None:
         if self._task is None:
             return
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        await cancel(self._task)
         self._task = None
         for r in [*self._waiting, *self._active.values()]:
             r.out.put_nowait(Overloaded("generation engine stopped"))
@@ -217,7 +212,6 @@ class GenerationEngine:
             dt = loop.time() - t0
             self._step_s = dt if self.steps == 0 else 0.9 * self._step_s + 0.1 * dt
             self.steps += 1
-            self.prefills += len(new)
             if self.on_step is not None:
                 self.on_step(self.name, len(running) + len(new), dt)
             for r in running:

@@ -1,0 +1,197 @@
+"""What wraps every request of a serving replica: the errors and the one mapping from error to status, the
+Prometheus metrics, the ASGI middleware (timing headers, metrics, the body-size limit), and the watch
+for a client that disconnects while its request waits.
+
+Errors map to statuses in `error_response` alone: 422 malformed or invalid input, 413 over a size limit,
+503 (or 429, Settings.overload_status) + Retry-After when a queue is full or a request waited past its
+deadline, 503 when not ready; a 500 means a bug, never bad input.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+
+import orjson
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from projects.serve.batcher import DeadlineExceeded, Overloaded, Timing
+from projects.serve.settings import Settings
+
+log = logging.getLogger("serve")
+
+
+# --------------------------------------------------------------------------------------------------------
+# errors: one mapping from error type to status
+class TooLarge(Exception):
+    """A request over a size limit: 413."""
+
+
+class BadInput(Exception):
+    """Well-formed JSON with an invalid value our schema cannot express: 422."""
+
+
+class Unavailable(Exception):
+    """Not ready, or the feature is not configured: 503."""
+
+
+class VectorJSON(JSONResponse):
+    """JSON by orjson, numpy arrays written directly: each float32 in its shortest exact form. The stdlib
+    encoder (after .tolist()) was the largest item of a replica's event loop at capacity (py-spy), and wrote
+    17 digits where float32 needs at most 9."""
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _err(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+
+
+def error_response(exc: Exception, settings: Settings) -> JSONResponse:
+    if isinstance(exc, RequestValidationError):
+        parts = []
+        for e in exc.errors()[:5]:
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+            parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+        return _err(422, "; ".join(parts) or "invalid request", "invalid_request_error")
+    if isinstance(exc, BadInput):
+        return _err(422, str(exc), "invalid_request_error")
+    if isinstance(exc, TooLarge):
+        return _err(413, str(exc), "request_too_large")
+    if isinstance(exc, (Overloaded, DeadlineExceeded)):
+        status = settings.overload_status   # queue full or past its deadline: both are overload
+        return _err(status, str(exc), "overloaded", {"Retry-After": str(int(math.ceil(exc.retry_after_s)))})
+    if isinstance(exc, Unavailable):
+        return _err(503, str(exc), "unavailable", {"Retry-After": "5"})
+    if isinstance(exc, StarletteHTTPException):
+        return _err(exc.status_code, str(exc.detail), "http_error", getattr(exc, "headers", None))
+    log.exception("internal error", exc_info=exc)
+    return _err(500, f"internal error: {type(exc).__name__}", "internal_error")
+
+
+# --------------------------------------------------------------------------------------------------------
+# metrics (one registry per app, so tests can build many apps)
+ROUTES = ("/v1/embeddings", "/v1/search", "/v1/completions", "/healthz", "/readyz", "/metrics")
+LAT_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("serve_requests_total", "HTTP requests", ["route", "status"], registry=r)
+        self.latency = Histogram("serve_request_duration_seconds", "HTTP request latency (to the last byte)",
+                                 ["route", "status"], buckets=LAT_BUCKETS, registry=r)
+        self.queue_time = Histogram("serve_queue_duration_seconds", "time requests wait before compute",
+                                    ["queue"], buckets=LAT_BUCKETS, registry=r)
+        self.inference_time = Histogram("serve_inference_duration_seconds", "compute time of a batch",
+                                        ["queue"], buckets=LAT_BUCKETS, registry=r)
+        self.batch_size = Histogram("serve_batch_size", "items per batch (active rows per decode step)",
+                                    ["queue"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.queue_depth = Gauge("serve_queue_depth", "items waiting in a queue", ["queue"], registry=r)
+        self.cache_hits = Counter("serve_cache_hits_total", "embedding cache hits", ["layer"], registry=r)
+        self.cache_misses = Counter("serve_cache_misses_total", "embedding cache misses", registry=r)
+        self.rejected = Counter("serve_rejected_total", "requests refused before compute", ["reason"], registry=r)
+        self.tokens = Counter("serve_generated_tokens_total", "tokens generated", registry=r)
+        self.ready = Gauge("serve_ready", "1 once models are loaded and warmed up", registry=r)
+
+    def on_batch(self, name: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(name).observe(size)
+        self.inference_time.labels(name).observe(seconds)
+
+
+# --------------------------------------------------------------------------------------------------------
+# middleware: timing headers, metrics, body size limit (plain ASGI, so streaming is not buffered)
+class ServeMiddleware:
+    def __init__(self, app, settings: Settings, metrics: Metrics):
+        self.app = app
+        self.settings, self.metrics = settings, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        timing = Timing()
+        scope.setdefault("state", {})["timing"] = timing
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = [500]
+        limit = self.settings.max_body_bytes
+        clen = dict(scope.get("headers") or []).get(b"content-length")
+        if clen is not None and clen.isdigit() and int(clen) > limit:
+            resp = _err(413, f"request body of {int(clen)} bytes; the limit is {limit}", "request_too_large")
+            status[0] = 413
+            await self._send_timed(resp, scope, receive, send, t0, timing)
+            self._observe(route, 413, t0)
+            return
+        seen = [0]
+
+        async def receive_limited():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen[0] += len(msg.get("body", b""))
+                if seen[0] > limit:  # an HTTPException: FastAPI turns anything else raised here into a 400
+                    raise StarletteHTTPException(413, f"request body over {limit} bytes")
+            return msg
+
+        async def send_timed(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+                headers = list(msg.get("headers", []))
+                headers += _timing_headers(timing, t0)
+                msg = {**msg, "headers": headers}
+            await send(msg)
+
+        try:
+            await self.app(scope, receive_limited, send_timed)
+        finally:
+            self._observe(route, status[0], t0)
+
+    async def _send_timed(self, resp, scope, receive, send, t0, timing):
+        async def send_timed(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": list(msg.get("headers", [])) + _timing_headers(timing, t0)}
+            await send(msg)
+        await resp(scope, receive, send_timed)
+
+    def _observe(self, route: str, status: int, t0: float) -> None:
+        m = self.metrics
+        m.requests.labels(route, str(status)).inc()
+        m.latency.labels(route, str(status)).observe(time.perf_counter() - t0)
+
+
+def _timing_headers(timing: Timing, t0: float) -> list[tuple[bytes, bytes]]:
+    total = time.perf_counter() - t0
+    return [(b"x-queue-time", f"{timing.queue_s * 1e3:.3f}".encode()),
+            (b"x-inference-time", f"{timing.inference_s * 1e3:.3f}".encode()),
+            (b"x-total-time", f"{total * 1e3:.3f}".encode())]
+
+
+async def unless_disconnected(request: Request, aw):
+    """Await `aw`, cancelling it if the client disconnects first (its queued items are then skipped)."""
+    task = asyncio.ensure_future(aw)
+
+    async def watch():
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise Unavailable("client disconnected")

