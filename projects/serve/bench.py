@@ -16,7 +16,8 @@ What it measures, in this order:
      their own cores), embeddings only, open-loop Poisson load (loadtest.py): batch-1 serving vs dynamic
      batching -- capacity, then a sweep of offered load to 2x capacity (latency vs throughput, overload
      refusals, goodput, replica memory) -- and a SIGKILLed replica under steady embeddings + search load;
-     cache off vs on under a Zipf stream; 1 replica x 2 threads on the same cores.
+     cache off vs on under a Zipf stream; the HTTP path alone (standin.py: the same routes, no model), the
+     bound the cores put on served throughput; 1 replica x 2 threads on the same cores.
 The load generator runs on the same 2 cores as the service: its CPU is taken from the replicas, so the
 served numbers are a lower bound of what a separate client machine would see.
 """
@@ -46,6 +47,7 @@ from projects.serve.settings import Settings
 from projects.serve.supervisor import ClusterConfig
 
 KILL_LOAD = 0.3   # offered load of the SIGKILL experiment, as a fraction of the deployment's capacity
+STANDIN_APP = "projects.serve.standin:create_app"
 
 
 @dataclass
@@ -201,14 +203,14 @@ class Served:
     leaving the `with` brings it down. The configs cross into the processes once, here: the cluster's as
     flags, the replicas' as SERVE_* variables."""
 
-    def __init__(self, name: str, cluster: ClusterConfig, settings: Settings):
+    def __init__(self, name: str, cluster: ClusterConfig, settings: Settings, env: dict | None = None):
         self.cluster = cluster = dataclasses.replace(cluster, run_dir=str(REPO_ROOT / "runs/serve/bench" / name))
         self.run_dir = Path(cluster.run_dir)
         self.url = f"http://127.0.0.1:{cluster.port}"
         self.args = config.to_argv(cluster)
         # closed-loop capacity runs this many users: no more than nginx admits (refused users would spin)
         self.concurrency = min(64, settings.max_queue, cluster.admitted(cluster.replicas) or 64)
-        self.env = {**os.environ, **settings.to_env()}
+        self.env = {**os.environ, **settings.to_env(), **(env or {})}
         self.name = name
 
     def __enter__(self):
@@ -277,6 +279,11 @@ def at_slo(levels: list[dict], slo_ms: float) -> float:
     ok = [s["achieved_rps"] for s in levels if s["p99_ms"] is not None and s["p99_ms"] <= slo_ms
           and s["failed"] == 0]
     return max(ok) if ok else 0.0
+
+
+async def _capacity(served: Served, wl, cfg: BenchConfig, seed: int) -> float:
+    async with loadtest.make_client(served.url) as c:
+        return await loadtest.measure_capacity(c, wl, cfg.capacity_s, concurrency=served.concurrency, seed=seed)
 
 
 async def _capacity_and_sweep(served: Served, wl, cfg: BenchConfig, levels: list[float], seed: int):
@@ -499,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         log("served: dynamic batching + cache, Zipf stream")
         with Served("cache", main_cluster, dataclasses.replace(dynamic, cache_entries=Settings.cache_entries)) as s:
             served["cache_on"] = cache_experiment(s, cfg, texts, seed=3, rate=served["cache_off"]["rate"])
+        # what the same cores carry with no model at all: client, nginx, uvicorn and the JSON of each answer
+        log(f"served: the HTTP path alone (stand-in app, no model), {shape}")
+        with Served("http-path", dataclasses.replace(main_cluster, app=STANDIN_APP), dynamic,
+                    env={"STANDIN_WORK_S": "0"}) as s:
+            served["http_path"] = {"capacity_rps": asyncio.run(_capacity(s, wl, cfg, seed=6))}
         if alt != shape:
             log(f"served: dynamic batching, {alt}")
             with Served("alt", cluster_config(cfg, 1, cfg.replicas * cfg.threads, pin=False), dynamic) as s:
@@ -519,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
                          half["p50_ms"], half["p99_ms"], half["failed"],
                          detail=f"capacity (closed loop) / best rate with p99 <= {cfg.slo_ms:g} ms; "
                                 f"latency at {half['load_fraction']:g}x capacity"))
+    if "http_path" in served:
+        rows.append(_row("embeddings via nginx", f"HTTP path alone: stand-in app (no model), {shape}",
+                         served["http_path"]["capacity_rps"],
+                         detail="capacity (closed loop): what the client, nginx, uvicorn and the JSON of a "
+                                "384-float answer take of the same cores; no model work can raise it"))
     dyn = served["dynamic"]
     for frac in (1.5, 2.0):
         lv = _level(dyn["levels"], frac)
@@ -544,6 +561,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # goals ------------------------------------------------------------------------------------------
     ceiling = ceil[cfg.embed_dtype]["texts_per_s"]
+    # The cores' bound: the HTTP path alone (H req/s, stand-in app) and the model alone (M texts/s: each
+    # replica's thread on batches of 32 random lengths, packed) take turns on the same cores, so a served text
+    # costs 1/H + 1/M of them and the served rate is at most 1/(1/H + 1/M).
+    H = served.get("http_path", {}).get("capacity_rps")
+    M = cfg.replicas * ob["random_packed_texts_per_s"]
+    cores_bound = 1 / (1 / H + 1 / M) if H else None
+    bound_txt = (f"; the cores' bound: the HTTP path alone (stand-in app, no model) carries {H:.0f} req/s and "
+                 f"the model alone {M:.0f} texts/s ({cfg.replicas} x batches of 32, packed) on the same cores, so "
+                 f"at most 1/(1/H + 1/M) = {cores_bound:.0f} req/s are served") if H else ""
     # the better of the two dynamic-batching deployments of the same 2 cores; the note names both
     deploy = {shape: dyn["capacity_rps"], **({alt: served["alt"]["capacity_rps"]} if "alt" in served else {})}
     best = max(deploy, key=deploy.get)
@@ -551,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"request, {cfg.embed_dtype}, the better deployment) over the offline ceiling",
                       deploy[best] / ceiling, 0.7, ">=",
                       f"{deploy[best]:.0f} / {ceiling:.0f} texts/s with {best}" +
-                      "".join(f" ({k}: {v / ceiling:.2f})" for k, v in deploy.items() if k != best)))
+                      "".join(f" ({k}: {v / ceiling:.2f})" for k, v in deploy.items() if k != best) +
+                      (f"{bound_txt}: {cores_bound / ceiling:.2f} of the ceiling" if H else "")))
     b1 = served["batch1"]["slo_rps"]
     goals.append(goal("batching_speedup_at_slo", f"throughput with p99 <= {cfg.slo_ms:g} ms, dynamic over batch-1",
                       dyn["slo_rps"] / b1 if b1 else None, 3, ">=",
@@ -564,7 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     goals.append(goal("batching_fraction_of_model_gain", "dynamic/batch-1 throughput at the SLO over the model's "
                       f"own batch-{ob['batch']}/batch-1 gain on a replica's {thr}",
                       dyn["slo_rps"] / b1 / ob["bound"] if b1 else None, 0.85, ">=",
-                      f"x{dyn['slo_rps'] / b1:.2f} served of x{ob['bound']:.2f} offline" if b1 else "no batch-1 level"))
+                      (f"x{dyn['slo_rps'] / b1:.2f} served of x{ob['bound']:.2f} offline" +
+                       (f"{bound_txt}: dynamic/batch-1 at most x{cores_bound / b1:.2f} over the {b1:.0f} req/s of "
+                        f"batch-1, {cores_bound / b1 / ob['bound']:.2f} of the model's gain" if H else ""))
+                      if b1 else "no batch-1 level"))
     half = _level(dyn["levels"], 0.5)
     bd = half.get("breakdown")
     goals.append(goal("p99_over_p50_at_half_load", "p99 / p50 latency at 0.5x capacity, dynamic batching",

@@ -2,7 +2,7 @@
 load generator (Poisson schedule, percentiles, goodput, no coordinated omission), the autoscaler's policy,
 and the Dockerfile / Kubernetes manifests against the app's settings. Loopback only.
 
-The nginx behaviour tests run a *stand-in* app (`standin_app` below: the same routes, a few ms of sleep
+The nginx behaviour tests run a *stand-in* app (`projects/serve/standin.py`: the same routes, a few ms of sleep
 instead of models) behind the real nginx and the real supervisor: starting the real app (MiniLM, the FAISS
 index, the generator) several times would not fit this file's ~2 minute budget. The serving bench measures
 the same replica kill on the real app (`failed_requests_on_replica_kill`).
@@ -23,8 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from common.env import missing
 from projects.serve import autoscale, cluster, loadtest, nginx, procs, supervisor
@@ -32,66 +30,6 @@ from projects.serve import autoscale, cluster, loadtest, nginx, procs, superviso
 REPO = Path(__file__).resolve().parents[3]
 HAVE_NGINX = shutil.which("nginx") is not None
 NO_NGINX = missing("nginx")
-
-
-# --------------------------------------------------------------------------------------------------------
-# the stand-in app: same routes as projects.serve.app, no models (run by uvicorn in the replica processes)
-def _make_standin():
-    app = FastAPI()
-    state = {"inflight": 0}
-
-    async def work(seconds: float):
-        state["inflight"] += 1
-        try:
-            await asyncio.sleep(seconds)
-        finally:
-            state["inflight"] -= 1
-
-    @app.post("/v1/embeddings")
-    async def embeddings(req: Request):
-        body = await req.json()
-        text = body["input"] if isinstance(body["input"], str) else body["input"][0]
-        if text.startswith("fail"):
-            return JSONResponse({"error": "overloaded"}, 503, headers={"Retry-After": "1"})
-        await work(0.2 if text.startswith("slow") else 0.05)  # ~3 in flight at 60/s
-        return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0] * 8}],
-                "pid": os.getpid()}
-
-    @app.post("/v1/search")
-    async def search(req: Request):
-        await req.json()
-        await work(0.05)
-        return {"results": [{"id": 0, "score": 1.0, "text": "x"}]}
-
-    @app.post("/v1/completions")
-    async def completions(req: Request):
-        body = await req.json()
-
-        async def events():
-            for i in range(int(body.get("max_tokens", 5))):
-                await work(0.02)
-                yield f"data: {json.dumps({'choices': [{'text': f' t{i}'}]})}\n\n"
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz():
-        return {"status": "ready"}
-
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(f"# TYPE serve_queue_depth gauge\nserve_queue_depth{{queue=\"embed\"}} "
-                                 f"{state['inflight']}\n")
-    return app
-
-
-def standin_app() -> FastAPI:
-    """The factory the replicas run (`uvicorn --factory ...:standin_app`)."""
-    return _make_standin()
 
 
 def free_port() -> int:
@@ -404,7 +342,7 @@ def _wait(pred, timeout: float, what: str):
 def test_replica_kill_rolling_restart_and_exact_stop(tmp_path):
     run_dir = tmp_path / "run"
     port, base = free_port(), free_range(8)
-    args = ["--app", "projects.serve.tests.test_scale:standin_app", "--port", str(port),
+    args = ["--app", "projects.serve.standin:create_app", "--port", str(port),
             "--replica-port", str(base), "--replicas", "2", "--run-dir", str(run_dir), "--graceful-s", "10",
             "--ready-timeout-s", "60"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -532,7 +470,7 @@ def test_nginx_refuses_past_max_inflight_without_waiting(tmp_path):
     import httpx
     run_dir = tmp_path / "run"
     port, base = free_port(), free_range(4)
-    args = ["--app", "projects.serve.tests.test_scale:standin_app", "--port", str(port), "--replica-port",
+    args = ["--app", "projects.serve.standin:create_app", "--port", str(port), "--replica-port",
             str(base), "--replicas", "1", "--run-dir", str(run_dir), "--max-inflight", "2", "--nice", "5"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
@@ -620,7 +558,7 @@ def test_dockerfile_and_k8s_manifests_match_the_app():
 @pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
 def test_down_stops_the_orphans_of_a_killed_supervisor(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["--app", "projects.serve.tests.test_scale:standin_app", "--port", str(free_port()),
+    args = ["--app", "projects.serve.standin:create_app", "--port", str(free_port()),
             "--replica-port", str(free_range(4)), "--replicas", "2", "--run-dir", str(run_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
