@@ -25,6 +25,7 @@ import textwrap
 import typing
 from collections.abc import Callable, Mapping
 
+
 @functools.cache
 def field_docs(cls) -> dict[str, str]:
     """The docstring under each field of a dataclass (and of its dataclass bases)."""

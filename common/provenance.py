@@ -13,7 +13,6 @@ import torch
 from common.env import REPO_ROOT
 
 
-
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)

@@ -24,20 +24,9 @@ def percentile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
-            device: torch.device | str | None = None) -> list[float]:
-    """Seconds per call of `fn`, `repeats` times, after `warmup` untimed calls; synchronized."""
-    return _run(fn, warmup, repeats, device)[0]
-
-
 def timed(fn: Callable[[], object], *, warmup: int = 0, repeats: int = 5,
           device: torch.device | str | None = None) -> tuple[float, object]:
     """(median seconds per call, the last call's output): `repeats` synchronized calls after `warmup`."""
-    ts, out = _run(fn, warmup, repeats, device)
-    return statistics.median(ts), out
-
-
-def _run(fn, warmup: int, repeats: int, device) -> tuple[list[float], object]:
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
@@ -49,4 +38,4 @@ def _run(fn, warmup: int, repeats: int, device) -> tuple[list[float], object]:
         out = fn()
         synchronize(device)
         ts.append(time.perf_counter() - t0)
-    return ts, out
+    return statistics.median(ts), out

@@ -38,7 +38,7 @@ from projects.serve.batcher import Batcher, DeadlineExceeded, Overloaded, Timing
 from projects.serve.cache import EmbeddingCache
 from projects.serve.middleware import (BadInput, Metrics, ServeMiddleware, TooLarge, Unavailable, VectorJSON,
                                        error_response, unless_disconnected)
-from projects.serve.model import MAX_SEQ_LEN, Embedder, EmbedderProcess, WorkerDied
+from projects.serve.model import MAX_SEQ_LEN, Embedder, EmbedderProcess, WorkerDied, env_offline
 from projects.serve.schemas import CompletionRequest, EmbeddingsRequest, SearchRequest, check_text
 from projects.serve.settings import Settings
 
@@ -69,7 +69,7 @@ def load_components(s: Settings):
         torch.set_num_threads(s.threads)
         import faiss
         faiss.omp_set_num_threads(s.threads)
-    kw = dict(offline=s.offline, dtype=s.embed_dtype, device=s.device)
+    kw = dict(offline=s.offline or env_offline(), dtype=s.embed_dtype, device=s.device)
     embedder = EmbedderProcess(s.embed_model, threads=s.threads, **kw) if s.embed_worker else \
         Embedder(s.embed_model, **kw)
     index = None
@@ -143,7 +143,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request):
     # a Response object skips FastAPI's jsonable_encoder, which walks every float of every vector in
     # Python: under load it was the largest item of the event loop (py-spy)
     return VectorJSON({"object": "list", "data": data, "model": st.embedder.name,
-                         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+                       "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
 
 @router.post("/v1/search")

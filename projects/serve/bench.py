@@ -263,10 +263,9 @@ def deployment(replicas: int, threads: int) -> str:
 
 
 def served_settings(cfg: BenchConfig, **kw) -> Settings:
-    """What every bench replica runs: the bench's index and dtype, embeddings only, no cache unless asked.
-    Starts from the environment (offline mode), as a replica would."""
-    return dataclasses.replace(Settings.from_env({}), index_dir=cfg.index_dir, embed_dtype=cfg.embed_dtype,
-                               gen_model="", max_queue=cfg.max_queue, max_texts=0, cache_entries=0, **kw)
+    """What every bench replica runs: the bench's index and dtype, embeddings only, no cache unless asked."""
+    return Settings(index_dir=cfg.index_dir, embed_dtype=cfg.embed_dtype, gen_model="", max_queue=cfg.max_queue,
+                    cache_entries=0, **kw)
 
 
 def cluster_config(cfg: BenchConfig, replicas: int, threads: int, pin: bool = True) -> ClusterConfig:

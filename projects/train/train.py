@@ -232,8 +232,6 @@ def train(cfg: Config) -> int:
         amp_dtype = autocast_dtype(device, cfg.precision)
     except ValueError as e:  # fp16 on CPU
         raise UsageError(str(e)) from e
-    if cfg.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA (SyncBatchNorm does not run on CPU)")
     rank, world = parallelize.init_distributed(device)
     out, ckpt_root = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt"
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
