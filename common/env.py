@@ -2,6 +2,7 @@
 command that installs the Debian packages some tests and benches need (scripts/system_deps.sh)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -33,3 +34,21 @@ def cache_root() -> Path:
 def missing(what: str) -> str:
     """A skip reason for a test that needs a Debian package: names the one command that installs it."""
     return f"{what} not installed: run `{SETUP_HINT}`"
+
+
+def machine_cache_root() -> Path:
+    """What is compiled for this machine (the C++ kernels, the llama.cpp wheel): one copy shared by every clone
+    and venv of this user, ${XDG_CACHE_HOME:-~/.cache}/mlsys; the entries are named by cpu_tag()."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlsys"
+
+
+def cpu_tag() -> str:
+    """A short name for this CPU (architecture + a hash of its model and flags): what is compiled for one CPU
+    (the C++ kernels, the llama.cpp wheel) is cached under it, so another CPU never loads a wrong binary."""
+    info = ""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info = "".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    return f"{os.uname().machine}-{hashlib.sha256(info.encode()).hexdigest()[:12]}"

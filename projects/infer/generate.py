@@ -62,12 +62,27 @@ def decode_step(model: Transformer, tok, input_pos, key_valid):
     return model(tok, input_pos, mask)[:, -1]
 
 
-def compile_decode(mode: str | None = None):
-    """decode_step compiled: CUDA graphs (reduce-overhead) on CUDA; inductor's fused C++ on CPU."""
-    if mode is None:
-        mode = "reduce-overhead" if torch.cuda.is_available() else "default"
-    # dynamic=False: one static graph per batch size (automatic dynamic shapes would give slower kernels)
-    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+def compile_decode():
+    """decode_step compiled: CUDA graphs (reduce-overhead) on CUDA; on CPU inductor's fused C++ kernels called
+    from its C++ wrapper (no Python between the ~10 calls per layer) with the weights frozen into constants.
+    The step's time split with and without these: docs/infer.md (from the infer record's profile)."""
+    # dynamic=False: one static graph per batch size (automatic dynamic shapes would give slower kernels); the
+    # graphs of every model and batch size compiled in one process share decode_step's cache, whose default
+    # limit of 8 entries a bench's rows exceed (past it dynamo would silently run the step eagerly)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if torch.cuda.is_available():
+        return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return torch.compile(decode_step, fullgraph=True, dynamic=False,
+                         options={"cpp_wrapper": True, "freezing": True, "guard_filter_fn": _cache_guards_only})
+
+
+def _cache_guards_only(entries) -> list[bool]:
+    """Dynamo's guards, minus the tensor checks on module weights: the weights are frozen into the graph (a
+    changed weight would not be seen either way), and checking each of them costs more per step than a layer's
+    kernels. Every other guard stays (which modules, of which types: another model recompiles) and so do the
+    KV cache's tensor checks (a reallocated cache recompiles)."""
+    return [e.guard_type != "TENSOR_MATCH" or "kv_cache" in e.name
+            or not e.orig_guard.source.is_unspecialized_nn_module() for e in entries]
 
 
 def prefill(model: Transformer, idx, key_valid):

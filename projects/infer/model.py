@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common.env import assets_root, cache_root, offline
+from projects.infer import kernels
 
 
 @dataclass
@@ -163,7 +164,12 @@ class Attention(nn.Module):
             # grouped-query attention without copying the cache: the `rep` query heads that share a kv
             # head become rep*T query rows of that head (rows ordered rep-major, so the mask repeats)
             qg = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim)       # (B, nkv, rep*T, hd)
-            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(1, 1, rep, 1))
+            if T == 1 and x.device.type == "cpu" and kernels.available():
+                # one query per row (decode): kernels.cpp reads only the slots the mask allows; the CPU
+                # flash-attention kernel's fixed cost per call is many times this step at these sizes
+                y = torch.ops.mlsys.decode_attention(qg, k, v, mask.reshape(mask.shape[0], -1))
+            else:
+                y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(1, 1, rep, 1))
             y = y.view(B, self.n_heads, T, self.head_dim)                    # (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
 

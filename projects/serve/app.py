@@ -90,10 +90,16 @@ def make_engine(s: Settings):
     from common.device import get_device
     from projects.infer.model import load
     from projects.serve.engine import GenerationEngine
-    model, tok = load(s.gen_model, get_device(s.device), torch.bfloat16 if s.gen_dtype == "bf16" else torch.float32)
+    from projects.infer import blockquant, quantize
+    from projects.infer.gemv import use_gemv
+    dtype = torch.bfloat16 if s.gen_dtype == "bf16" else torch.float32
+    # quantized from fp32 masters (a bf16 copy would move the weights off a GGUF's grid), then cast
+    model, tok = load(s.gen_model, get_device(s.device), torch.float32 if s.gen_quant else dtype)
+    schemes = {"int8": quantize.quantize_int8, "int4": quantize.quantize_int4, "q4_1": blockquant.quantize_q4_1,
+               "q8_0": blockquant.quantize_q8_0}
     if s.gen_quant:
-        from projects.infer import quantize
-        model = quantize.quantize_int8(model) if s.gen_quant == "int8" else quantize.quantize_int4(model)
+        model = schemes[s.gen_quant](model).to(dtype)
+    use_gemv(model)  # the decode steps' float linears on the GEMV kernel (bf16 on AVX-512 CPUs; else unchanged)
     return GenerationEngine(model, tok, n_slots=s.gen_slots, max_queue=s.gen_max_queue)
 
 

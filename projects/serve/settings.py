@@ -45,8 +45,9 @@ class Settings:
     """generator for /v1/completions (projects.infer names, a HF folder); empty = disabled"""
     gen_dtype: Literal["fp32", "bf16"] = "fp32"
     """generator weights dtype: fp32 or bf16"""
-    gen_quant: Literal["", "int8", "int4"] = ""
-    """quantize the generator's linears (projects.infer.quantize): "", int8 (weight-only) or int4 (g128)"""
+    gen_quant: Literal["", "int8", "int4", "q4_1", "q8_0"] = ""
+    """quantize the generator's linears: "", int8 (weight-only), int4 (g128), or llama.cpp's q4_1 / q8_0 blocks
+    (projects.infer.blockquant: the C++ decode kernels, the inference bench's fast path)"""
     gen_slots: int = 8
     """KV cache rows = requests decoded together (continuous batching)"""
     max_batch_size: int = 32

@@ -1,0 +1,196 @@
+"""llama.cpp's block formats in our model: Q4_1 (4-bit, scale and minimum per 32) and Q8_0 (8-bit, scale per 32).
+
+    from projects.infer.blockquant import quantize_q4_1, quantize_q8_0
+    quantize_q4_1(model)      # block linears Q4_1, the (tied) head/embedding Q8_0: the GGUF's own recipe
+    quantize_q8_0(model)      # everything Q8_0
+
+Quantizers are llama.cpp's reference ones (ggml-quants.c, quantize_row_q4_1_ref / q8_0_ref), in torch:
+- Q4_1: per block of 32, d = (max - min) / 15, m = min, q = round((w - m) / d) in [0, 15], d and m stored
+  fp16; w ≈ d q + m. Applied to weights that already lie on a Q4_1 grid (the offline SmolLM2 is the GGUF's
+  dequantized Q4_1), it gives back the file's blocks, so this is the GGUF's grid held exactly
+  (tests/test_quantize.py checks it block by block against the file).
+- Q8_0: per block of 32, d = max|w| / 127, q = round(w / d), d fp16; w ≈ d q.
+Storage per block: Q4_1 16 bytes of nibbles (column j low nibble of byte j, column j + 16 high nibble)
++ 2 fp16 = 0.625 bytes/weight; Q8_0 32 bytes + 1 fp16 = 1.0625 bytes/weight, the same bytes as the GGUF.
+
+Compute: for small M (decode) on x86 the C++ kernels in kernels.cpp (weights expanded in registers, fp32
+activations, nothing rounded on the activation side); otherwise (prefill, GPUs, no compiler) the weight is
+dequantized to the activation dtype and multiplied by `F.linear`, the platform's GEMM (AMX/oneDNN on CPU).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from projects.infer import kernels
+
+QK = 32
+KERNEL_MAX_M = 8  # the C++ kernels handle up to 8 activation rows; beyond that a GEMM on dequantized weights
+
+
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    if K % QK:
+        raise ValueError(f"block formats need in_features % {QK} == 0, got {K}")
+    return w.float().view(N, K // QK, QK)
+
+
+def q4_1_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) -> qs (N, K/2) uint8, d (N, K/32) fp16, m (N, K/32) fp16 (llama.cpp's Q4_1 reference)."""
+    b = _blocks(w)
+    lo, hi = b.amin(-1), b.amax(-1)                                            # (N, G)
+    d = (hi - lo) / 15
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = ((b - lo[..., None]) * inv[..., None] + 0.5).floor().clamp(0, 15).to(torch.uint8)   # (N, G, 32)
+    qs = q[..., :16] | (q[..., 16:] << 4)                                      # (N, G, 16)
+    return qs.reshape(w.shape[0], -1), d.half(), lo.half()
+
+
+def q4_1_dequantize(qs, d, m, dtype=torch.float32) -> torch.Tensor:
+    N, G = d.shape
+    b = qs.view(N, G, 16)
+    q = torch.cat([b & 0x0F, b >> 4], dim=-1).to(dtype)                        # (N, G, 32)
+    return (q * d.to(dtype)[..., None] + m.to(dtype)[..., None]).view(N, G * QK)
+
+
+def q8_0_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> qs (N, K) int8, d (N, K/32) fp16 (llama.cpp's Q8_0 reference)."""
+    b = _blocks(w)
+    d = b.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(b * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(w.shape), d.half()
+
+
+def q8_0_dequantize(qs, d, dtype=torch.float32) -> torch.Tensor:
+    N, G = d.shape
+    return (qs.view(N, G, QK).to(dtype) * d.to(dtype)[..., None]).view(N, G * QK)
+
+
+class _BlockLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        if in_features % QK:
+            raise ValueError(f"block formats need in_features % {QK} == 0, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+
+    def _kernel_ok(self, x2: torch.Tensor) -> bool:
+        return x2.device.type == "cpu" and x2.shape[0] <= KERNEL_MAX_M and kernels.available()
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self._kernel_ok(x2):
+            y = self._kernel(x2)
+        else:
+            # dequantized in fp32, then cast: d and m are fp16, which bf16 arithmetic would round further
+            y = F.linear(x2, self.dequantize().to(x.dtype))
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Q4_1Linear(_BlockLinear):
+    """y = x @ ŵ^T with ŵ = d q + m per block of 32 input columns; buffers qs, d, m as in the GGUF."""
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__(in_features, out_features)
+        G = in_features // QK
+        self.register_buffer("qs", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("d", torch.empty(out_features, G, dtype=torch.float16, device=device))
+        self.register_buffer("m", torch.empty(out_features, G, dtype=torch.float16, device=device))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "Q4_1Linear":
+        mod = cls(lin.in_features, lin.out_features, lin.weight.device)
+        for buf, val in zip((mod.qs, mod.d, mod.m), q4_1_quantize(lin.weight.detach())):
+            buf.copy_(val)
+        return mod
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return q4_1_dequantize(self.qs, self.d, self.m, dtype)
+
+    def _kernel(self, x2):
+        return torch.ops.mlsys.q4_1_linear(x2, self.qs, self.d, self.m)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) casts the float buffers; the block scales stay fp16 like the file's
+        d, m = self.d, self.m
+        super()._apply(fn, recurse)
+        self.d, self.m = d.to(self.qs.device), m.to(self.qs.device)
+        return self
+
+
+class Q8_0Linear(_BlockLinear):
+    """y = x @ ŵ^T with ŵ = d q per block of 32 input columns; buffers qs (int8) and d (fp16)."""
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__(in_features, out_features)
+        self.register_buffer("qs", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("d", torch.empty(out_features, in_features // QK, dtype=torch.float16,
+                                              device=device))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "Q8_0Linear":
+        mod = cls(lin.in_features, lin.out_features, lin.weight.device)
+        qs, d = q8_0_quantize(lin.weight.detach())
+        mod.qs.copy_(qs)
+        mod.d.copy_(d)
+        return mod
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return q8_0_dequantize(self.qs, self.d, dtype)
+
+    def _kernel(self, x2):
+        return torch.ops.mlsys.q8_0_linear(x2, self.qs, self.d)
+
+    def _apply(self, fn, recurse=True):
+        d = self.d
+        super()._apply(fn, recurse)
+        self.d = d.to(self.qs.device)
+        return self
+
+
+class Q8_0Embedding(nn.Module):
+    """Rows of the tied Q8_0 head: emb[i] = d[i] q[i]; in the dtype of `dtype_like` (the model's norms)."""
+
+    def __init__(self, head: Q8_0Linear, dtype: torch.dtype):
+        super().__init__()
+        self.head = [head]  # a list so the head is not registered twice as a submodule
+        self.dtype = dtype
+
+    def forward(self, idx):
+        h = self.head[0]
+        G = h.d.shape[1]
+        rows = h.qs[idx].view(*idx.shape, G, QK).to(torch.float32) * h.d[idx].float()[..., None]
+        return rows.view(*idx.shape, G * QK).to(self.dtype)
+
+    def _apply(self, fn, recurse=True):
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return super()._apply(fn, recurse)
+
+
+def _quantize_head_q8_0(model) -> None:
+    tied = model.output.weight is model.tok_embeddings.weight
+    model.output = Q8_0Linear.from_linear(model.output)
+    if tied:
+        model.tok_embeddings = Q8_0Embedding(model.output, model.norm.weight.dtype)
+
+
+def quantize_q4_1(model):
+    """Q4_1 on every block linear, Q8_0 head (and tied embedding): the SmolLM2 GGUF's tensor types."""
+    from projects.infer.quantize import block_linears
+    for _, parent, attr, lin in block_linears(model):
+        setattr(parent, attr, Q4_1Linear.from_linear(lin))
+    _quantize_head_q8_0(model)
+    model.quant_scheme = {"scheme": "q4_1"}
+    return model
+
+
+def quantize_q8_0(model):
+    """Q8_0 on every block linear and the head (llama.cpp's Q8_0 file)."""
+    from projects.infer.quantize import block_linears
+    for _, parent, attr, lin in block_linears(model):
+        setattr(parent, attr, Q8_0Linear.from_linear(lin))
+    _quantize_head_q8_0(model)
+    model.quant_scheme = {"scheme": "q8_0"}
+    return model
