@@ -22,7 +22,7 @@ INDEX_DIR ?= runs/serve/index
 BENCH_INDEX_DIR ?= runs/serve/index-100k
 export BENCH_INDEX_LIMIT ?= 100000
 
-.PHONY: help env setup setup-bench system-deps test test-fast bench bench-train bench-infer bench-quant bench-serve report \
+.PHONY: help env setup setup-bench llamacpp system-deps test test-fast bench bench-train bench-infer bench-quant bench-serve report \
 	train-check index serve serve-stop clean-env
 
 help: ## list targets
@@ -35,13 +35,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[all]'
 	@touch $(STAMP) $(VENV)/.just-installed
 
-env: $(STAMP) ## create .venv (only if missing or pyproject/constraints changed)
+env: $(STAMP) ## create .venv (only if missing or pyproject/constraints changed) and build the C++ kernels
 
-setup: env ## the set-up `make test` runs first: .venv, Debian packages, SmolLM2 GGUF (each only when missing)
+setup: env ## the set-up `make test` runs first: .venv, C++ kernels, Debian packages, SmolLM2 GGUF (each only when missing)
 	@bash scripts/setup.sh
 
-setup-bench: env ## the set-up `make bench` runs first: `setup` plus the bench index
-	@bash scripts/setup.sh --bench-index $(BENCH_INDEX_DIR)
+setup-bench: env ## the set-up `make bench` runs first: `setup` plus the bench index and llama.cpp (the peer rows)
+	@bash scripts/setup.sh --bench-index $(BENCH_INDEX_DIR) --llamacpp
+
+llamacpp: env ## build llama-cpp-python once per CPU (wheel cache outside the clone) for the inference benches' peer rows
+	bash scripts/build_llamacpp.sh
 
 system-deps: ## install the Debian packages the tests and benches use (root; skipped when present)
 	bash scripts/system_deps.sh

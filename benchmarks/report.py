@@ -103,6 +103,25 @@ def render_goals(records: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
+def render_profile(rec: dict) -> str:
+    """The decode step's time split (record extra.profiles, from projects/infer/profile.py)."""
+    runs = rec.get("extra", {}).get("profiles") or []
+    if not runs:
+        return "_no profile in this record (the bench ran with --no-profile or not on a CPU)_\n"
+    keys = [("weight_matmuls_ms", "weight matmuls"), ("attention_ms", "attention"),
+            ("elementwise_ms", "fused elementwise"), ("overhead_ms", "framework overhead")]
+    lines = ["| decode step (SmolLM2-135M, batch 1, context " + str(runs[0].get("ctx", "?")) + ") | ms/token | "
+             "tokens/s | " + " | ".join(f"{label} (ms)" for _, label in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error']} |" + " |" * (len(keys) + 1))
+            continue
+        lines.append(f"| {r['label']} | {fmt(r['ms_per_token'])} | {fmt(r['tok_s'])} | " +
+                     " | ".join(fmt(r[k]) for k, _ in keys) + " |")
+    return "\n".join(lines) + "\n\n" + provenance_line(rec) + "\n"
+
+
 def render_section(name: str, records: dict[str, dict]) -> str:
     if name == "goals":
         return render_goals(records)
@@ -112,6 +131,8 @@ def render_section(name: str, records: dict[str, dict]) -> str:
         return f"_not run yet: `{MAKE_TARGET.get(bench, f'make bench-{bench}')}`_\n"
     if part == "notes":
         return render_notes(rec)
+    if part == "profile":
+        return render_profile(rec)
     if part:
         raise ValueError(f"unknown section part {part!r} in marker bench:{name}")
     return render_table(rec)

@@ -86,7 +86,7 @@ def test_setup_twice_does_nothing_the_second_time(stubs, tmp_path):
     assert r.returncode == 0 and "set-up: done (.venv)" in r.stdout, r.stdout + r.stderr
     r = stubs(installed=True, uid=0)
     assert r.stdout.strip().splitlines() == [
-        "set-up: nothing to do (.venv, Debian packages, SmolLM2 GGUF present)"], r.stdout + r.stderr
+        "set-up: nothing to do (.venv, C++ kernels, Debian packages, SmolLM2 GGUF present)"], r.stdout + r.stderr
     assert not (tmp_path / "apt.log").exists()   # nothing installed when everything is there
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks.record import goal, make_record, save_figure, write_record
 from common import config
@@ -33,8 +34,11 @@ from projects.infer.generate import decode_step, prefill
 from projects.infer.model import from_hf, resolve
 from projects.infer import quantize as Q
 
-OUR = ["baseline", "baseline-fp32", "int8", "w8a8", "w8a8-smooth", "int4-g32", "int4-g128", "gptq", "awq", "qat"]
-LIBS = ["torchao-int8", "torchao-int4", "bnb-int8", "bnb-nf4", "gptqmodel", "auto-gptq"]
+OUR = ["baseline", "baseline-fp32", "int8", "w8a8", "w8a8-smooth", "int4-g32", "int4-g128", "gptq", "awq", "qat",
+       "q4_1", "q8_0"]
+LIBS = ["torchao-int8", "torchao-int4", "bnb-int8", "bnb-nf4", "gptqmodel", "auto-gptq", "llamacpp-q4_1",
+        "llamacpp-q8_0"]
+BLOCK = ("q4_1", "q8_0")  # llama.cpp's block formats (blockquant.py): perplexity also through the decode kernels
 PROMPT = "The history of the city begins"
 
 
@@ -134,6 +138,28 @@ def ppl_both(fn, ids, words, cfg) -> dict:
     return {"ppl_chunks": c["ppl"], "ppl_sliding": s["ppl"], "ppl_tokens": s["tokens"], "chunks": c["chunks"]}
 
 
+@torch.no_grad()
+def ppl_chunks_kernel_path(model, ids, seqlen: int, step: int = 8) -> tuple[float, float]:
+    """The chunks protocol's perplexity computed the way decode computes: each chunk fed `step` tokens at a
+    time through the KV cache, so every linear runs on the small-M C++ kernels (their int16 activation
+    rounding included) instead of the prefill's dequantized GEMM. Same chunks, same scoring as eval.py. In
+    fp32 activations, beside the same model's full-sequence (dequantized GEMM) perplexity in fp32: the same
+    weights and activations dtype, so the difference is the kernels' own error. Returns (kernel, GEMM) ppl."""
+    dtype = model.norm.weight.dtype
+    model.float()
+    nlls = []
+    for c in range(ids.numel() // seqlen):
+        chunk = ids[c * seqlen:(c + 1) * seqlen][None]                                # (1, seqlen)
+        model.setup_caches(1, seqlen)
+        logits = torch.cat([model(chunk[:, i:i + step], torch.arange(i, min(i + step, seqlen), device=ids.device))
+                            for i in range(0, seqlen, step)], dim=1)                   # (1, seqlen, V)
+        nlls.append(F.cross_entropy(logits[0, :-1].float(), chunk[0, 1:]))
+        model.remove_caches()
+    ref = perplexity_chunks(logits_fn(model), ids, seqlen, progress=False)["ppl"]
+    model.to(dtype)
+    return float(torch.stack(nlls).mean().exp()), ref
+
+
 def kv_bytes_per_token(model, pos: int, elt: int = 2) -> int:
     a = model.args
     return 2 * a.n_layers * a.n_kv_heads * a.head_dim * pos * elt
@@ -155,6 +181,11 @@ def build(method: str, path, calib, cfg, device):
         note = "SmoothQuant alpha 0.5" if sm else "no smoothing"
     elif method.startswith("int4-g"):
         Q.quantize_int4(model, int(method.removeprefix("int4-g")))
+    elif method in BLOCK:
+        from projects.infer import blockquant
+        (blockquant.quantize_q4_1 if method == "q4_1" else blockquant.quantize_q8_0)(model)
+        note = ("llama.cpp's Q4_1 (blocks of 32, scale and minimum; Q8_0 head): the GGUF's grid, exactly" if
+                method == "q4_1" else "llama.cpp's Q8_0 (blocks of 32, one scale)")
     elif method == "gptq":
         from projects.infer.gptq import gptq
         Q.apply_int4_weights(model, gptq(model, calib, gs), gs)
@@ -188,6 +219,8 @@ def our_row(method, path, tok, calib, ids, words, cfg, device) -> dict:
     quant_s = time.perf_counter() - t0
     row = {"method": method, "impl": "ours", "note": note, "quant_s": quant_s, "bytes": Q.model_bytes(model)}
     row.update(ppl_both(logits_fn(model), ids.to(device), words, cfg))
+    if method in BLOCK:
+        row["ppl_chunks_kernel"], row["ppl_chunks_fp32"] = ppl_chunks_kernel_path(model, ids.to(device), cfg.seqlen)
     reset_peak_memory(device)
     row.update(time_ours(model, ids, cfg, device))
     row["peak_mem"] = peak_memory_bytes(device)
@@ -303,6 +336,8 @@ def lib_row(method, path, tok, calib, ids, words, cfg, device) -> dict:
             row.update(_hf_row(model, tok, ids, words, cfg, device))
         elif method == "gptqmodel":
             row.update(gptqmodel_row(path, tok, calib, ids, words, cfg, device))
+        elif method.startswith("llamacpp"):
+            row.update(llamacpp_row(method.removeprefix("llamacpp-"), tok, ids, words, cfg))
         elif method == "auto-gptq":
             row["impl"] = "auto-gptq 0.7.1 (end of life)"
             r = subprocess.run([sys.executable, "-c", "import auto_gptq"], capture_output=True, text=True)
@@ -318,6 +353,40 @@ def lib_row(method, path, tok, calib, ids, words, cfg, device) -> dict:
     except LIB_ERRORS as e:
         row["note"] = (row.get("note", "") + f"; failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}").lstrip("; ")
     gc.collect()
+    return row
+
+
+def llamacpp_row(fmt, tok, ids, words, cfg) -> dict:
+    """llama.cpp on the GGUF (q4_1 as shipped, q8_0 its own requantization): perplexity through OUR protocol
+    (our token ids and chunks, llama.cpp's logits), bytes from the file, TTFT and decode tokens/s."""
+    from projects.infer.llamacpp import INSTALL_HINT, LlamaCpp, available, gguf_read_bytes, peer_gguf, version
+    if not available():
+        return {"impl": "llama.cpp", "note": INSTALL_HINT, "sample": ""}
+    threads = cfg.threads or torch.get_num_threads()
+    gguf = peer_gguf(fmt, threads)
+    info = gguf_read_bytes(gguf)
+    row = {"impl": f"llama.cpp (llama-cpp-python {version()})", "quant_s": 0.0, "bytes": info["weights_bytes"],
+           "note": f"the GGUF's tensors: {', '.join(info['types'])}; KV f16"}
+    peer = LlamaCpp(gguf, threads, n_ctx=max(cfg.seqlen, cfg.prompt_len + cfg.decode_tokens + 8))
+    try:
+        row.update(ppl_both(lambda x: peer.logits(x[0])[None], ids, words, cfg))
+        prompt = ids[:cfg.prompt_len].tolist()
+        peer.generate(prompt, 2)
+        ttft, tps = [], []
+        for _ in range(cfg.repeats):
+            t0 = time.perf_counter()
+            peer.generate(prompt, 1)
+            t1 = time.perf_counter()
+            peer.generate(prompt, cfg.decode_tokens + 1)
+            t2 = time.perf_counter()
+            ttft.append(t1 - t0)
+            tps.append(cfg.decode_tokens / ((t2 - t1) - (t1 - t0)))
+        row["ttft_ms"] = 1e3 * sorted(ttft)[len(ttft) // 2]
+        row["tok_per_s"] = sorted(tps)[len(tps) // 2]
+        row["sample"] = tok.decode(peer.generate(tok(PROMPT)["input_ids"], cfg.sample_tokens))
+        row["gb_per_s"] = row["bytes"] * row["tok_per_s"] / 1e9
+    finally:
+        peer.close()
     return row
 
 
@@ -393,13 +462,19 @@ def goals_for(rows: dict) -> tuple[list[dict], list[str]]:
              None if not g("w8a8-smooth", "ttft_ms") or not g(fast_ttft, "ttft_ms") else
              g(fast_ttft, "ttft_ms") / g("w8a8-smooth", "ttft_ms"), 1, ">"),
         goal("qat_loss_recovered", "share of int4-g128 RTN's perplexity loss QAT wins back", qat_rec, 0.6),
+        goal("q4_1_ppl_increase_pct", "Q4_1 (the GGUF's grid, our fast int4 path) perplexity change vs bf16, %",
+             _pct(g("q4_1", "ppl_chunks"), p0), 0.5, "<="),
+        goal("fast_path_ppl_delta_pct", "largest |perplexity change|, %, of the decode kernels' path (Q4_1, Q8_0 fed "
+             "8 tokens at a time) against the same weights through the dequantized GEMM, both fp32 activations",
+             max((abs(_pct(g(m, "ppl_chunks_kernel"), g(m, "ppl_chunks_fp32"))) for m in BLOCK
+                  if g(m, "ppl_chunks_kernel") and g(m, "ppl_chunks_fp32")), default=None), 0.1, "<="),
         goal("int4_vs_best_library", f"int4 g128 decode tok/s / fastest correct library row ({best_lib[1]})",
              None if not best_lib[0] or not g("int4-g128", "tok_per_s") else g("int4-g128", "tok_per_s") / best_lib[0], 1),
     ]
     return goals, notes
 
 
-UNITS = {"method": "", "impl": "", "bytes": "MB", "peak_mem": "MB", "ttft_ms": "ms", "tok_per_s": "tokens/s",
+UNITS = {"method": "", "impl": "", "bytes": "MB", "ppl_chunks_kernel": "", "ppl_chunks_fp32": "", "peak_mem": "MB", "ttft_ms": "ms", "tok_per_s": "tokens/s",
          "gb_per_s": "GB/s", "ppl_chunks": "", "ppl_chunks_change_pct": "%", "ppl_sliding": "",
          "ppl_sliding_change_pct": "%", "sample": "", "note": ""}
 
@@ -452,8 +527,10 @@ def main(argv=None) -> int:
         f"{base.get('chunks')} non-overlapping {cfg.seqlen}-token chunks, tail dropped, as GPTQ/AWQ)",
         "calibration/QAT: tiny-shakespeare, "
         f"{cfg.calib_samples} random windows of {cfg.calib_len} tokens; never WikiText-2 test",
-        "our rows: bf16 activations, int kernels as in quantize.py; the tied embedding/head is int8 in every "
-        "quantized row of ours; bytes = parameters + buffers, shared tensors once; peak_mem = process peak RSS "
+        "our rows: bf16 activations, int kernels as in quantize.py (q4_1/q8_0: blockquant.py, prefill on the "
+        "dequantized GEMM, decode on the C++ kernels; ppl_chunks_kernel = the chunks perplexity fed 8 tokens at a "
+        "time, i.e. through those kernels, and ppl_chunks_fp32 the same weights' full-sequence one, both in fp32 "
+        "activations); the tied embedding/head is int8 in the int rows, Q8_0 in q4_1/q8_0; bytes = parameters + buffers, shared tensors once; peak_mem = process peak RSS "
         "during prefill+decode (CPU) or peak allocated (CUDA)",
         "gb_per_s = (model bytes + KV cache bytes in use) x decode tokens/s",
         f"decode: batch 1, greedy, {cfg.decode_tokens} tokens after a {cfg.prompt_len}-token prompt; medians "
@@ -470,14 +547,14 @@ def main(argv=None) -> int:
                      f"{base.get('tok_per_s', 0):.1f}: perplexity and bytes goals are against bf16 (as the issue "
                      "states); speed goals against the faster of the two, so emulated bf16 cannot inflate them")
     cols = ["method", "impl", "bytes", "peak_mem", "ttft_ms", "tok_per_s", "gb_per_s", "ppl_chunks",
-            "ppl_chunks_change_pct", "ppl_sliding", "ppl_sliding_change_pct", "sample", "note"]
+            "ppl_chunks_change_pct", "ppl_chunks_fp32", "ppl_chunks_kernel", "ppl_sliding", "ppl_sliding_change_pct", "sample", "note"]
     units = dict(UNITS)
     if cfg.compile:
         cols.insert(6, "tok_per_s_compiled")
         units["tok_per_s_compiled"] = "tokens/s"
     rec = make_record("quant", cfg, list(rows.values()), goals, units=units, columns=cols,
                       preset=cfg.preset, notes=notes,
-                      libs=["transformers", "torchao", "bitsandbytes", "gptqmodel", "safetensors"],
+                      libs=["transformers", "torchao", "bitsandbytes", "gptqmodel", "safetensors", "llama_cpp_python"],
                       extra={"model": cfg.model, "ppl_tokens": cfg.ppl_tokens, "words": words})
     write_record(rec)
     return 0
