@@ -104,12 +104,13 @@ def test_decode_attention_matches_sdpa(dtype, tol):
 
 @needs_kernels
 @needs_gguf
-def test_kernel_path_greedy_tokens_match_the_dequantized_path(monkeypatch):
-    """32 greedy tokens of SmolLM2 in Q4_1 on the kernel path = the same weights through F.linear."""
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_kernel_path_greedy_tokens_match_the_dequantized_path(monkeypatch, fmt):
+    """32 greedy tokens of SmolLM2 in Q4_1 / Q8_0 on the kernel path = the same weights through F.linear."""
     from projects.infer.generate import generate
     from projects.infer.model import load
     model, tok = load("smollm2-135m", "cpu", torch.float32)
-    BQ.quantize_q4_1(model)
+    (BQ.quantize_q4_1 if fmt == "q4_1" else BQ.quantize_q8_0)(model)
     ids = tok("The history of the Roman Empire", return_tensors="pt").input_ids
     fast = generate(model, ids, 32)
     monkeypatch.setattr(kernels, "available", lambda: False)
