@@ -176,21 +176,20 @@ def _quantize_head_q8_0(model) -> None:
         model.tok_embeddings = Q8_0Embedding(model.output, model.norm.weight.dtype)
 
 
-def quantize_q4_1(model):
-    """Q4_1 on every block linear, Q8_0 head (and tied embedding): the SmolLM2 GGUF's tensor types."""
+def _quantize(model, layer: type, scheme: str):
     from projects.infer.quantize import block_linears
     for _, parent, attr, lin in block_linears(model):
-        setattr(parent, attr, Q4_1Linear.from_linear(lin))
+        setattr(parent, attr, layer.from_linear(lin))
     _quantize_head_q8_0(model)
-    model.quant_scheme = {"scheme": "q4_1"}
+    model.quant_scheme = {"scheme": scheme}
     return model
+
+
+def quantize_q4_1(model):
+    """Q4_1 on every block linear, Q8_0 head (and tied embedding): the SmolLM2 GGUF's tensor types."""
+    return _quantize(model, Q4_1Linear, "q4_1")
 
 
 def quantize_q8_0(model):
     """Q8_0 on every block linear and the head (llama.cpp's Q8_0 file)."""
-    from projects.infer.quantize import block_linears
-    for _, parent, attr, lin in block_linears(model):
-        setattr(parent, attr, Q8_0Linear.from_linear(lin))
-    _quantize_head_q8_0(model)
-    model.quant_scheme = {"scheme": "q8_0"}
-    return model
+    return _quantize(model, Q8_0Linear, "q8_0")
