@@ -240,7 +240,7 @@ def prepare_row(name, dtype_name, impl, cfg, device) -> tuple[dict, Runner]:
 def use_cache(r, B: int, tokens: int) -> None:
     """Our rows: the static cache generate() itself allocates for B rows of `tokens` positions (the length
     rounded up to 64), set before a measurement and outside its timing. One cache sized for every measurement
-    of a row would make batch-1 steps slower than a user's (a probe found ~10% at 8 x 576 against 1 x 192)."""
+    of a row (most rows, longest prompt) made batch-1 steps measurably slower than a user's (commit 6d87685)."""
     if r.impl.startswith("ours"):
         S = min(r.args.max_seq_len, -(-tokens // 64) * 64)
         if (r.model.max_batch_size, r.model.max_seq_length) != (B, S):
