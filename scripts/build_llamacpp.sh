@@ -19,7 +19,7 @@ wheels=${XDG_CACHE_HOME:-$HOME/.cache}/mlsys/llama-cpp/$tag
 if ! ls "$wheels"/llama_cpp_python-"${spec##*==}"-*.whl >/dev/null 2>&1; then
   flags=""
   if grep -qw amx_int8 /proc/cpuinfo; then flags="-mno-amx-int8 -mno-amx-tile -mno-amx-bf16"; fi
-  echo "set-up: building $spec from source, once for this CPU (about 10 min on 2 cores; outside the bench's"
+  echo "set-up: building $spec from source, once for this CPU (the longest set-up step; outside the bench's"
   echo "        25-minute budget) into $wheels"
   mkdir -p "$wheels"
   log=$(mktemp)

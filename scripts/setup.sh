@@ -6,7 +6,7 @@
 #   C++ kernels       projects/infer/kernels.py (compiled once per CPU into ~/.cache/mlsys/kernels/)
 #   --bench-index DIR the serving bench's FAISS index (make bench only; BENCH_INDEX_LIMIT passages)
 #   --llamacpp        llama-cpp-python for the inference benches' peer rows (make bench only; built from source
-#                     once per CPU by scripts/build_llamacpp.sh, ~10 min on 2 cores, outside the bench budget)
+#                     once per CPU by scripts/build_llamacpp.sh, the longest step, outside the bench budget)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 index="" llamacpp=0

@@ -336,7 +336,7 @@ def main(argv=None) -> int:
         return ceilings[key]
     gemv = {dt: gemv_gbps(device, autocast_dtype(device, dt) or torch.float32)
             for dt in cfg.dtypes.split(",") if dt not in BLOCK}
-    rows, notes_extra = [], []
+    rows = []
     text = wikitext2_test_text()[:20000]
     for name in cfg.models.split(","):
         combos = []
@@ -453,7 +453,7 @@ def main(argv=None) -> int:
     if cfg.preset == "smoke":
         notes.insert(0, "SMOKE RUN: tiny settings to check the harness; not a result.")
     rec = make_record("infer", cfg, rows, goals, units=units, columns=columns,
-                      preset=cfg.preset, notes=notes + notes_extra,
+                      preset=cfg.preset, notes=notes,
                       libs=["transformers", "safetensors", "gguf", "llama_cpp_python"],
                       extra={"read_bandwidth_GBps": bw, "head_gemv_GBps": gemv, "profiles": prof})
     write_record(rec)

@@ -73,10 +73,10 @@ def compile_decode():
     if torch.cuda.is_available():
         return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     return torch.compile(decode_step, fullgraph=True, dynamic=False,
-                         options={"cpp_wrapper": True, "freezing": True, "guard_filter_fn": _cache_guards_only})
+                         options={"cpp_wrapper": True, "freezing": True, "guard_filter_fn": _skip_weight_guards})
 
 
-def _cache_guards_only(entries) -> list[bool]:
+def _skip_weight_guards(entries) -> list[bool]:
     """Dynamo's guards, minus the tensor checks on module weights: the weights are frozen into the graph (a
     changed weight would not be seen either way), and checking each of them costs more per step than a layer's
     kernels. Every other guard stays (which modules, of which types: another model recompiles) and so do the

@@ -32,10 +32,10 @@ def available() -> bool:
 
 
 def version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version as v
     try:
-        from importlib.metadata import version as v
         return v("llama_cpp_python")
-    except Exception:  # noqa: BLE001 -- not installed
+    except PackageNotFoundError:
         return None
 
 

@@ -62,10 +62,7 @@ def test_kernel_matches_dequantized_linear(fmt, M, dtype):
     """The kernel = F.linear on the dequantized weight, up to the activation's int16 rounding per block of 32:
     |error| <= sum_j |d q_j| * dx_j / 2 per output (Q4_1's m term uses exact sums), dx = max|x_block| / 32767;
     an int8 rounding would fail it."""
-    w = _w(n=80, k=160)
-    mod = (BQ.Q4_1Linear if fmt == "q4_1" else BQ.Q8_0Linear).from_linear(nn.Linear(160, 80, bias=False))
-    mod.load_state_dict({k: v for k, v in (BQ.Q4_1Linear if fmt == "q4_1" else BQ.Q8_0Linear)
-                         .from_linear(_lin(w)).state_dict().items()})
+    mod = (BQ.Q4_1Linear if fmt == "q4_1" else BQ.Q8_0Linear).from_linear(_lin(_w(n=80, k=160)))
     x = torch.randn(M, 160, generator=torch.Generator().manual_seed(M)).to(dtype)
     y = mod(x)
     assert y.dtype == dtype and y.shape == (M, 80)
@@ -117,6 +114,19 @@ def test_kernel_path_greedy_tokens_match_the_dequantized_path(monkeypatch, fmt):
     model.remove_caches()
     ref = generate(model, ids, 32)
     assert torch.equal(fast, ref), (tok.decode(fast[0]), tok.decode(ref[0]))
+
+
+def test_use_gemv_keeps_weights_and_ties_and_matches_f_linear():
+    from projects.infer.gemv import GemvLinear, use_gemv
+    net = nn.Sequential(nn.Embedding(50, 64), nn.Linear(64, 50, bias=False), nn.Linear(64, 8, bias=True))
+    net[1].weight = net[0].weight                                     # a tied head
+    net.to(torch.bfloat16)
+    use_gemv(net)
+    assert type(net[1]) is GemvLinear and net[1].weight is net[0].weight
+    assert type(net[2]) is nn.Linear                                  # with a bias: left alone
+    x = torch.randn(3, 64).bfloat16()
+    ref = F.linear(x.float(), net[1].weight.float())
+    assert torch.allclose(net[1](x).float(), ref, rtol=1e-2, atol=1e-2)
 
 
 def test_block_layers_refuse_widths_that_are_not_blocks():
