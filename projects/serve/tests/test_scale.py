@@ -195,9 +195,10 @@ def test_loadtest_against_a_fake_server_counts_latency_errors_and_goodput():
     assert [r.status for r in results] == ["503" if k == "fail" else "200" for k in kinds]
     assert s["errors"] == {"503": kinds.count("fail")}
     lat = {k: [r.latency for r, kk in zip(results, kinds) if kk == k] for k in ("fast", "slow")}
-    assert max(lat["fast"]) < 0.1 and min(lat["slow"]) >= 0.2     # each as the server made it
+    # each as the server made it (asyncio's timer may wake a hair before the 0.2 s a perf_counter measures)
+    assert max(lat["fast"]) < 0.1 and min(lat["slow"]) >= 0.19
     assert s["goodput_fraction"] == pytest.approx(kinds.count("fast") / len(kinds))
-    assert s["p99_ms"] >= 200
+    assert s["p99_ms"] >= 190
 
 
 def test_breakdown_splits_the_tail_by_the_replica_timing_headers():
