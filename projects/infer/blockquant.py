@@ -10,12 +10,15 @@ Quantizers are llama.cpp's reference ones (ggml-quants.c, quantize_row_q4_1_ref 
   dequantized Q4_1), it gives back the file's blocks, so this is the GGUF's grid held exactly
   (tests/test_quantize.py checks it block by block against the file).
 - Q8_0: per block of 32, d = max|w| / 127, q = round(w / d), d fp16; w ≈ d q.
-Storage per block: Q4_1 16 bytes of nibbles (column j low nibble of byte j, column j + 16 high nibble)
-+ 2 fp16 = 0.625 bytes/weight; Q8_0 32 bytes + 1 fp16 = 1.0625 bytes/weight, the same bytes as the GGUF.
+Storage: the same bytes as the GGUF (Q4_1 0.625 bytes/weight, Q8_0 1.0625), in the layout the kernels read
+(`pack_*`; `unpack_*` gives back the GGUF's rows): output rows in tiles of 16 (the last one zero-padded), and
+per (tile, block of 32 columns) the tile's 16 x 32 values as 16 column pairs x 16 rows x 2, so one vector of
+int16 is one column pair for all 16 rows (kernels.cpp's `tile`). Q4_1 halves it: byte (c, row, e) holds pair c
+in its low nibble and pair c + 8 in its high one. The scales d (and m) are (tiles, blocks, 16).
 
-Compute: for small M (decode) on x86 the C++ kernels in kernels.cpp (weights expanded in registers, fp32
-activations, nothing rounded on the activation side); otherwise (prefill, GPUs, no compiler) the weight is
-dequantized to the activation dtype and multiplied by `F.linear`, the platform's GEMM (AMX/oneDNN on CPU).
+Compute: for small M (decode) on x86 the C++ kernels in kernels.cpp (integer dot products, the activations
+rounded to int16 per block of 32); otherwise (prefill, GPUs, no compiler) the weight is dequantized to the
+activation dtype and multiplied by `F.linear`, the platform's GEMM (AMX/oneDNN on CPU).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from projects.infer import kernels
 
 QK = 32
+TILE = 16         # output rows per tile of the kernels' layout
 KERNEL_MAX_M = 8  # the C++ kernels handle up to 8 activation rows; beyond that a GEMM on dequantized weights
 
 
@@ -68,6 +72,57 @@ def q8_0_dequantize(qs, d, dtype=torch.float32) -> torch.Tensor:
     return (qs.view(N, G, QK).to(dtype) * d.to(dtype)[..., None]).view(N, G * QK)
 
 
+def _to_tiles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values -> (T, G, 16 column pairs, 16 rows, 2), rows zero-padded to a multiple of 16."""
+    N, K = q.shape
+    q = F.pad(q, (0, 0, 0, -N % TILE))
+    return q.view(-1, TILE, K // QK, QK // 2, 2).permute(0, 2, 3, 1, 4)
+
+
+def _from_tiles(t: torch.Tensor, N: int) -> torch.Tensor:
+    """_to_tiles' inverse: (T, G, 16, 16, 2) -> (N, K)."""
+    T, G = t.shape[:2]
+    return t.permute(0, 3, 1, 2, 4).reshape(T * TILE, G * QK)[:N]
+
+
+def _scale_tiles(d: torch.Tensor) -> torch.Tensor:
+    """(N, G) block scales -> (T, G, 16)."""
+    N, G = d.shape
+    return F.pad(d, (0, 0, 0, -N % TILE)).view(-1, TILE, G).transpose(1, 2).contiguous()
+
+
+def _scale_rows(d: torch.Tensor, N: int) -> torch.Tensor:
+    return d.transpose(1, 2).reshape(-1, d.shape[1])[:N]
+
+
+def pack_q4_1(qs, d, m):
+    """GGUF rows qs (N, K/2), d, m (N, K/32) -> the kernels' tiles: qs (T, K/32, 256), d, m (T, K/32, 16)."""
+    N, G = d.shape
+    b = qs.view(N, G, 16)
+    q = _to_tiles(torch.cat([b & 0x0F, b >> 4], -1).view(N, G * QK))        # (T, G, 16 pairs, 16 rows, 2)
+    packed = q[:, :, :8] | (q[:, :, 8:] << 4)                                  # pairs c and c + 8 share bytes
+    return packed.reshape(q.shape[0], G, 256), _scale_tiles(d), _scale_tiles(m)
+
+
+def unpack_q4_1(qs, d, m, N: int):
+    """pack_q4_1's inverse: the GGUF's rows for the first N outputs."""
+    T, G, _ = qs.shape
+    b = qs.view(T, G, 8, TILE, 2)
+    q = _from_tiles(torch.cat([b & 0x0F, b >> 4], 2), N).view(N, G, QK)      # (N, G, 32) in column order
+    return (q[..., :16] | (q[..., 16:] << 4)).view(N, G * 16), _scale_rows(d, N), _scale_rows(m, N)
+
+
+def pack_q8_0(qs, d):
+    """GGUF rows qs (N, K), d (N, K/32) -> tiles qs (T, K/32, 512), d (T, K/32, 16)."""
+    q = _to_tiles(qs)
+    return q.reshape(q.shape[0], q.shape[1], 512), _scale_tiles(d)
+
+
+def unpack_q8_0(qs, d, N: int):
+    T, G, _ = qs.shape
+    return _from_tiles(qs.view(T, G, QK // 2, TILE, 2), N), _scale_rows(d, N)
+
+
 class _BlockLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -90,27 +145,31 @@ class _BlockLinear(nn.Module):
 
 
 class Q4_1Linear(_BlockLinear):
-    """y = x @ ŵ^T with ŵ = d q + m per block of 32 input columns; buffers qs, d, m as in the GGUF."""
+    """y = x @ ŵ^T with ŵ = d q + m per block of 32 input columns; buffers qs, d, m in the kernels' tiles."""
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__(in_features, out_features)
-        G = in_features // QK
-        self.register_buffer("qs", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("d", torch.empty(out_features, G, dtype=torch.float16, device=device))
-        self.register_buffer("m", torch.empty(out_features, G, dtype=torch.float16, device=device))
+        T, G = -(-out_features // TILE), in_features // QK
+        self.register_buffer("qs", torch.empty(T, G, 256, dtype=torch.uint8, device=device))
+        self.register_buffer("d", torch.empty(T, G, TILE, dtype=torch.float16, device=device))
+        self.register_buffer("m", torch.empty(T, G, TILE, dtype=torch.float16, device=device))
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Q4_1Linear":
         mod = cls(lin.in_features, lin.out_features, lin.weight.device)
-        for buf, val in zip((mod.qs, mod.d, mod.m), q4_1_quantize(lin.weight.detach())):
+        for buf, val in zip((mod.qs, mod.d, mod.m), pack_q4_1(*q4_1_quantize(lin.weight.detach()))):
             buf.copy_(val)
         return mod
 
+    def rows(self):
+        """The GGUF's (qs, d, m) rows."""
+        return unpack_q4_1(self.qs, self.d, self.m, self.out_features)
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return q4_1_dequantize(self.qs, self.d, self.m, dtype)
+        return q4_1_dequantize(*self.rows(), dtype)
 
     def _kernel(self, x2):
-        return torch.ops.mlsys.q4_1_linear(x2, self.qs, self.d, self.m)
+        return torch.ops.mlsys.q4_1_linear(x2, self.qs, self.d, self.m, self.out_features)
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) casts the float buffers; the block scales stay fp16 like the file's
@@ -121,27 +180,30 @@ class Q4_1Linear(_BlockLinear):
 
 
 class Q8_0Linear(_BlockLinear):
-    """y = x @ ŵ^T with ŵ = d q per block of 32 input columns; buffers qs (int8) and d (fp16)."""
+    """y = x @ ŵ^T with ŵ = d q per block of 32 input columns; buffers qs (int8) and d (fp16) in tiles."""
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__(in_features, out_features)
-        self.register_buffer("qs", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("d", torch.empty(out_features, in_features // QK, dtype=torch.float16,
-                                              device=device))
+        T, G = -(-out_features // TILE), in_features // QK
+        self.register_buffer("qs", torch.empty(T, G, 512, dtype=torch.int8, device=device))
+        self.register_buffer("d", torch.empty(T, G, TILE, dtype=torch.float16, device=device))
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Q8_0Linear":
         mod = cls(lin.in_features, lin.out_features, lin.weight.device)
-        qs, d = q8_0_quantize(lin.weight.detach())
-        mod.qs.copy_(qs)
-        mod.d.copy_(d)
+        for buf, val in zip((mod.qs, mod.d), pack_q8_0(*q8_0_quantize(lin.weight.detach()))):
+            buf.copy_(val)
         return mod
 
+    def rows(self):
+        """The GGUF's (qs, d) rows."""
+        return unpack_q8_0(self.qs, self.d, self.out_features)
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return q8_0_dequantize(self.qs, self.d, dtype)
+        return q8_0_dequantize(*self.rows(), dtype)
 
     def _kernel(self, x2):
-        return torch.ops.mlsys.q8_0_linear(x2, self.qs, self.d)
+        return torch.ops.mlsys.q8_0_linear(x2, self.qs, self.d, self.out_features)
 
     def _apply(self, fn, recurse=True):
         d = self.d
@@ -160,8 +222,10 @@ class Q8_0Embedding(nn.Module):
 
     def forward(self, idx):
         h = self.head[0]
-        G = h.d.shape[1]
-        rows = h.qs[idx].view(*idx.shape, G, QK).to(torch.float32) * h.d[idx].float()[..., None]
+        T, G = h.d.shape[:2]
+        t, j = idx // TILE, idx % TILE                   # row idx is row j of tile t
+        q = h.qs.view(T, G, QK // 2, TILE, 2)[t, :, :, j, :]                      # (*idx, G, 16 pairs, 2)
+        rows = q.reshape(*idx.shape, G, QK).float() * h.d[t, :, j].float()[..., None]
         return rows.view(*idx.shape, G * QK).to(self.dtype)
 
     def _apply(self, fn, recurse=True):

@@ -1,18 +1,17 @@
 // Low-bit matmuls for small M (batch-1..8 decode) on the CPU, in llama.cpp's block formats.
 //
-//   mlsys::q4_1_linear(x (M, K) float, qs (N, K/2) uint8, d (N, K/32) fp16, m (N, K/32) fp16) -> (M, N)
-//   mlsys::q8_0_linear(x (M, K) float, qs (N, K) int8, d (N, K/32) fp16)                    -> (M, N)
-//   mlsys::bf16_linear(x (M, K) float, w (N, K) bf16)                                       -> (M, N)  (AVX-512)
+//   mlsys::q4_1_linear(x (M, K), qs (T, K/32, 256) uint8, d, m (T, K/32, 16) fp16, n) -> (M, n)
+//   mlsys::q8_0_linear(x (M, K), qs (T, K/32, 512) int8,  d (T, K/32, 16) fp16, n)    -> (M, n)
+//   mlsys::bf16_linear(x (M, K) float, w (N, K) bf16)                                 -> (M, N)  (AVX-512)
 //   mlsys::decode_attention(q, k, v, mask): one query position per row over the allowed cache slots
 //
-// Blocks of 32 input columns. Q4_1: w = d * q + m with q in [0, 15]; the 16 bytes of a block hold column j
-// in the low nibble of byte j and column j + 16 in the high nibble (GGUF's layout). Q8_0: w = d * q, q int8.
-// With AVX-512 VNNI: weights widened to int16 in registers, activations rounded to int16 per block (2^-16 of
-// the block's max), integer dot products (vpdpwssd). Otherwise: weights expanded to fp32, fp32 activations.
-// Either way the result is F.linear(x, dequantized w) up to that rounding and fp32 summation order. The (d, m) terms factor out of a block:
+// Blocks of 32 input columns. Q4_1: w = d * q + m with q in [0, 15]; Q8_0: w = d * q, q int8 (the GGUF's grids).
+// The weights are in tiles of 16 output rows (T = ceil(n / 16)), laid out for the instructions that read them
+// (see `tile` below; blockquant.py packs and unpacks the layout). The (d, m) terms factor out of a block:
 //   sum_j w_j x_j = d * sum_j q_j x_j + m * sum_j x_j,
-// so each block costs one dequantize-free fp32 dot of q with x, then one fma by d (and one by m for Q4_1).
-// Rows are split over torch's intra-op threads; the M activation rows stay in L1 while a weight row streams.
+// and the activations are rounded to int16 per block, so each block is an exact integer dot product
+// (AVX-512 VNNI vpdpwssd, AVX2 vpmaddwd, or scalar), scaled once per block. The result is F.linear(x, dequantized w)
+// up to that rounding and the fp32 summation order.
 // Built by projects/infer/kernels.py (torch.utils.cpp_extension, -march=native); AVX-512, AVX2 or scalar.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -35,140 +34,8 @@ inline float h2f(at::Half h) { return _cvtsh_ss(h.x); }
 inline float h2f(at::Half h) { return static_cast<float>(h); }
 #endif
 
-#if defined(__AVX512F__)
-inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-// 16 uint8 -> 16 floats
-inline __m512 u8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
-inline __m512 s8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
-#endif
-
-// one output row n for all M activation rows: Q4_1 (M a template parameter: accumulators stay in registers)
-template <int M>
-void q4_1_row(const float* x, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m,
-              const float* xsum, float* y, int64_t N) {
-  const int64_t G = K / QK;
-  float mterm[M] = {0};
-#if defined(__AVX512F__)
-  __m512 acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
-  const __m128i low = _mm_set1_epi8(0x0F);
-  for (int64_t g = 0; g < G; ++g) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + g * 16));
-    const __m512 wlo = u8_to_ps(_mm_and_si128(v, low));                    // columns 0..15 of the block
-    const __m512 whi = u8_to_ps(_mm_and_si128(_mm_srli_epi16(v, 4), low)); // columns 16..31
-    const __m512 dg = _mm512_set1_ps(h2f(d[g]));
-    const float mg = h2f(m[g]);
-    for (int r = 0; r < M; ++r) {
-      const float* xr = x + r * K + g * QK;
-      __m512 t = _mm512_mul_ps(wlo, _mm512_loadu_ps(xr));
-      t = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xr + 16), t);
-      acc[r] = _mm512_fmadd_ps(dg, t, acc[r]);
-      mterm[r] += mg * xsum[r * G + g];
-    }
-  }
-  for (int r = 0; r < M; ++r) y[r * N] = hsum(acc[r]) + mterm[r];
-#elif defined(__AVX2__)
-  __m256 acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
-  const __m128i low = _mm_set1_epi8(0x0F);
-  for (int64_t g = 0; g < G; ++g) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + g * 16));
-    const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-    const __m256 dg = _mm256_set1_ps(h2f(d[g]));
-    const float mg = h2f(m[g]);
-    for (int r = 0; r < M; ++r) {
-      const float* xr = x + r * K + g * QK;
-      __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xr));
-      t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), t);
-      t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), t);
-      t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), t);
-      acc[r] = _mm256_fmadd_ps(dg, t, acc[r]);
-      mterm[r] += mg * xsum[r * G + g];
-    }
-  }
-  for (int r = 0; r < M; ++r) {
-    float lanes[8];
-    _mm256_storeu_ps(lanes, acc[r]);
-    float s = 0;
-    for (float l : lanes) s += l;
-    y[r * N] = s + mterm[r];
-  }
-#else
-  for (int r = 0; r < M; ++r) {
-    float s = 0;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* xr = x + r * K + g * QK;
-      float t = 0;
-      for (int j = 0; j < 16; ++j) t += (qs[g * 16 + j] & 0x0F) * xr[j] + (qs[g * 16 + j] >> 4) * xr[j + 16];
-      s += h2f(d[g]) * t + h2f(m[g]) * xsum[r * G + g];
-    }
-    y[r * N] = s;
-  }
-#endif
-}
-
-// one output row n for all M activation rows: Q8_0
-template <int M>
-void q8_0_row(const float* x, int64_t K, const int8_t* qs, const at::Half* d, float* y, int64_t N) {
-  const int64_t G = K / QK;
-#if defined(__AVX512F__)
-  __m512 acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    const __m128i* p = reinterpret_cast<const __m128i*>(qs + g * QK);
-    const __m512 w0 = s8_to_ps(_mm_loadu_si128(p)), w1 = s8_to_ps(_mm_loadu_si128(p + 1));
-    const __m512 dg = _mm512_set1_ps(h2f(d[g]));
-    for (int r = 0; r < M; ++r) {
-      const float* xr = x + r * K + g * QK;
-      __m512 t = _mm512_mul_ps(w0, _mm512_loadu_ps(xr));
-      t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), t);
-      acc[r] = _mm512_fmadd_ps(dg, t, acc[r]);
-    }
-  }
-  for (int r = 0; r < M; ++r) y[r * N] = hsum(acc[r]);
-#elif defined(__AVX2__)
-  __m256 acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    const __m256 dg = _mm256_set1_ps(h2f(d[g]));
-    __m256 w[4];
-    for (int k = 0; k < 4; ++k)
-      w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-          reinterpret_cast<const __m128i*>(qs + g * QK + 8 * k))));
-    for (int r = 0; r < M; ++r) {
-      const float* xr = x + r * K + g * QK;
-      __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xr));
-      for (int k = 1; k < 4; ++k) t = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xr + 8 * k), t);
-      acc[r] = _mm256_fmadd_ps(dg, t, acc[r]);
-    }
-  }
-  for (int r = 0; r < M; ++r) {
-    float lanes[8];
-    _mm256_storeu_ps(lanes, acc[r]);
-    float s = 0;
-    for (float l : lanes) s += l;
-    y[r * N] = s;
-  }
-#else
-  for (int r = 0; r < M; ++r) {
-    float s = 0;
-    for (int64_t g = 0; g < G; ++g) {
-      float t = 0;
-      for (int j = 0; j < QK; ++j) t += qs[g * QK + j] * x[r * K + g * QK + j];
-      s += h2f(d[g]) * t;
-    }
-    y[r * N] = s;
-  }
-#endif
-}
-
-
 // Weights are read once per call and usually come from DRAM: the hardware prefetcher alone leaves the
-// memory system idle between rows, so each row asks for the row PF ahead (cache lines into L2).
+// memory system idle between rows, so bf16_linear asks for the row PF ahead (cache lines into L2).
 constexpr int64_t PF = 8;
 inline void prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
@@ -202,14 +69,10 @@ struct Out {
 };
 thread_local std::vector<float> Out::scratch;
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// ---- integer dot products (AVX-512 VNNI). The activation row is quantized per block of 32 to int16
-// (dx = max|x_block| / 32767: a relative rounding of 2^-16 of the block's largest value, far below the bf16
-// the model computes in; int8 activations, llama.cpp's choice, moved greedy tokens within a few steps here),
-// the block's 32 weights are widened to int16, and one vpdpwssd multiplies and adds all 32 pairs. The
-// block's int32 lanes become floats once, scaled by d_w * dx.
-#define MLSYS_VNNI 1
-
+// ---- activations: each row rounded to int16 per block of 32, dx = max|x_block| / 32767 (a relative rounding
+// of 2^-16 of the block's largest value, far below the bf16 the model computes in; int8 activations,
+// llama.cpp's choice, moved greedy tokens within a few steps here). Every path below multiplies these
+// integers exactly, so the paths differ only in the fp32 summation order of the block terms.
 struct XQ {
   std::vector<int16_t> q;     // (M, K) quantized activations
   std::vector<float> dx;      // (M, G) activation scale per block
@@ -236,82 +99,11 @@ const XQ& quantize_x(const T* x, int64_t M, int64_t K) {
       const float dx = amax / 32767, id = dx > 0 ? 1 / dx : 0;
       o.dx[r * G + g] = dx;
       o.s[r * G + g] = sum;
-      for (int j = 0; j < QK; ++j) o.q[r * K + g * QK + j] = static_cast<int16_t>(std::nearbyint(xb[j] * id));
+      int16_t* q = o.q.data() + r * K + g * QK;
+      for (int j = 0; j < QK; ++j) q[j] = static_cast<int16_t>(std::nearbyint(xb[j] * id));
     }
   }
   return o;
-}
-
-// a Q4_1 block's 16 bytes -> its 32 weights as int16, in column order: bytes widened to 16 bits, then the low
-// nibbles (columns 0..15) and the high nibbles (columns 16..31; a shift, the byte's top bits are zero)
-inline __m512i q4_widen(const uint8_t* p) {
-  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, _mm256_set1_epi16(0x0F))),
-                            _mm256_srli_epi16(b, 4), 1);
-}
-inline __m512i q8_widen(const int8_t* p) {
-  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// Blocks two at a time into two accumulators: each block's multiply-add into its accumulator depends on the
-// previous one (4 cycles), so one accumulator would cap a core at one block per 4 cycles
-template <int M, bool Q4>
-inline void blocks_vnni(const XQ& xq, int64_t K, const void* qs, const at::Half* d, __m512* acc0, __m512* acc1) {
-  const int64_t G = K / QK;
-  auto widen = [&](int64_t g) {
-    if constexpr (Q4) return q4_widen(static_cast<const uint8_t*>(qs) + g * 16);
-    else return q8_widen(static_cast<const int8_t*>(qs) + g * QK);
-  };
-  int64_t g = 0;
-  for (; g + 2 <= G; g += 2) {
-    const __m512i w0 = widen(g), w1 = widen(g + 1);
-    const float d0 = h2f(d[g]), d1 = h2f(d[g + 1]);
-    for (int r = 0; r < M; ++r) {
-      const int16_t* xr = xq.q.data() + r * K + g * QK;
-      const __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(xr));
-      const __m512i p1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512(xr + QK));
-      acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(d0 * xq.dx[r * G + g]), acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_set1_ps(d1 * xq.dx[r * G + g + 1]), acc1[r]);
-    }
-  }
-  if (g < G) {
-    const __m512i w0 = widen(g);
-    const float d0 = h2f(d[g]);
-    for (int r = 0; r < M; ++r) {
-      const __m512i p0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0,
-                                             _mm512_loadu_si512(xq.q.data() + r * K + g * QK));
-      acc0[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(d0 * xq.dx[r * G + g]), acc0[r]);
-    }
-  }
-}
-
-template <int M>
-void q4_1_row_vnni(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m, float* y,
-                   int64_t N) {
-  const int64_t G = K / QK;
-  __m512 acc0[M], acc1[M];
-  for (int r = 0; r < M; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  blocks_vnni<M, true>(xq, K, qs, d, acc0, acc1);
-  for (int r = 0; r < M; ++r) {
-    float t = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
-    const float* xs = xq.s.data() + r * G;   // the m term: sum over blocks of m * (sum of the block's x)
-    __m512 mt = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 16 <= G; g += 16)
-      mt = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + g))),
-                           _mm512_loadu_ps(xs + g), mt);
-    t += _mm512_reduce_add_ps(mt);
-    for (; g < G; ++g) t += h2f(m[g]) * xs[g];
-    y[r * N] = t;
-  }
-}
-
-template <int M>
-void q8_0_row_vnni(const XQ& xq, int64_t K, const int8_t* qs, const at::Half* d, float* y, int64_t N) {
-  __m512 acc0[M], acc1[M];
-  for (int r = 0; r < M; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  blocks_vnni<M, false>(xq, K, qs, d, acc0, acc1);
-  for (int r = 0; r < M; ++r) y[r * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
 }
 
 const XQ& dispatch_x(const at::Tensor& x, int64_t M, int64_t K) {
@@ -323,6 +115,144 @@ const XQ& dispatch_x(const at::Tensor& x, int64_t M, int64_t K) {
   }
 }
 
+// ---- one tile: 16 output rows x all K, for the M activation rows. Per block of 32 columns the tile holds its
+// 16 x 32 weights as 16 column pairs x 16 rows x 2 (blockquant.py packs it): after widening to int16 a 64-byte
+// vector is one column pair for all 16 rows, row j in 32-bit lane j, so a multiply-add of adjacent int16 pairs
+// against the activation pair broadcast to every lane adds that pair's products into each row's own lane: no
+// horizontal sums, and the tile's 16 scales (d, m) load as one vector per block.
+//   Q8_0: 512 bytes per block, chunk c (32 bytes) = column pair c.
+//   Q4_1: 256 bytes per block, chunk c (32 bytes) = pair c in the low nibbles and pair c + 8 in the high ones.
+// Per block the int32 lane sums become floats once: acc += isum * (d * dx) (+ m * sum(x_block) for Q4_1).
+constexpr int64_t TILE = 16;
+constexpr int64_t PF_BYTES = 2048;   // software prefetch distance in a tile's weight stream
+
+template <bool Q4>
+constexpr int64_t block_bytes() { return Q4 ? 256 : 512; }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// vpdpwssd: 32 int16 products per instruction, accumulated in place; its 4-5 cycle latency would cap one chain at
+// a quarter of the throughput, so a single activation row spreads a block over NC independent accumulators
+template <int M, bool Q4>
+void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m, float* y, int64_t N,
+          int64_t rows) {
+  const int64_t G = K / QK;
+  constexpr int NC = M == 1 ? 4 : 2;
+  __m512 acc[M];
+  for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* p = qs + g * block_bytes<Q4>();
+    for (int64_t off = 0; off < block_bytes<Q4>(); off += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + PF_BYTES + off, _MM_HINT_T0);
+    __m512i is[M][NC];
+    for (int r = 0; r < M; ++r)
+      for (int c = 0; c < NC; ++c) is[r][c] = _mm512_setzero_si512();
+    // the activation pairs of this block, as int32 words: xr[c] = (x[2c], x[2c + 1])
+    auto xpair = [&](int r, int c) {
+      return _mm512_set1_epi32(reinterpret_cast<const int32_t*>(xq.q.data() + r * K + g * QK)[c]);
+    };
+    if constexpr (Q4) {
+      for (int c = 0; c < 8; ++c) {
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c)));
+        const __m512i lo = _mm512_and_si512(b, _mm512_set1_epi16(0x0F)), hi = _mm512_srli_epi16(b, 4);
+        for (int r = 0; r < M; ++r) {
+          is[r][(2 * c) % NC] = _mm512_dpwssd_epi32(is[r][(2 * c) % NC], lo, xpair(r, c));
+          is[r][(2 * c + 1) % NC] = _mm512_dpwssd_epi32(is[r][(2 * c + 1) % NC], hi, xpair(r, c + 8));
+        }
+      }
+    } else {
+      for (int c = 0; c < 16; ++c) {
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * c)));
+        for (int r = 0; r < M; ++r) is[r][c % NC] = _mm512_dpwssd_epi32(is[r][c % NC], w, xpair(r, c));
+      }
+    }
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + g * TILE)));
+    for (int r = 0; r < M; ++r) {
+      __m512i t = is[r][0];
+      for (int c = 1; c < NC; ++c) t = _mm512_add_epi32(t, is[r][c]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dv, _mm512_set1_ps(xq.dx[r * G + g])), acc[r]);
+    }
+    if constexpr (Q4) {
+      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + g * TILE)));
+      for (int r = 0; r < M; ++r) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xq.s[r * G + g]), acc[r]);
+    }
+  }
+  const __mmask16 keep = rows >= TILE ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
+  for (int r = 0; r < M; ++r) _mm512_mask_storeu_ps(y + r * N, keep, acc[r]);
+}
+#elif defined(__AVX2__)
+// vpmaddwd: 16 int16 products per instruction into 8 int32 lanes, so a tile is two halves of 8 rows; the running
+// sums are plain adds (one-cycle chains)
+template <int M, bool Q4>
+void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m, float* y, int64_t N,
+          int64_t rows) {
+  const int64_t G = K / QK;
+  __m256 acc[M][2];
+  for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* p = qs + g * block_bytes<Q4>();
+    for (int64_t off = 0; off < block_bytes<Q4>(); off += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + PF_BYTES + off, _MM_HINT_T0);
+    __m256i is[M][2];
+    for (int r = 0; r < M; ++r) is[r][0] = is[r][1] = _mm256_setzero_si256();
+    auto xpair = [&](int r, int c) {
+      return _mm256_set1_epi32(reinterpret_cast<const int32_t*>(xq.q.data() + r * K + g * QK)[c]);
+    };
+    for (int h = 0; h < 2; ++h) {   // rows 8h .. 8h + 7: the second 16 bytes of each 32-byte chunk
+      if constexpr (Q4) {
+        for (int c = 0; c < 8; ++c) {
+          const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * c + 16 * h)));
+          const __m256i lo = _mm256_and_si256(b, _mm256_set1_epi16(0x0F)), hi = _mm256_srli_epi16(b, 4);
+          for (int r = 0; r < M; ++r)
+            is[r][h] = _mm256_add_epi32(is[r][h], _mm256_add_epi32(_mm256_madd_epi16(lo, xpair(r, c)),
+                                                                  _mm256_madd_epi16(hi, xpair(r, c + 8))));
+        }
+      } else {
+        for (int c = 0; c < 16; ++c) {
+          const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * c + 16 * h)));
+          for (int r = 0; r < M; ++r) is[r][h] = _mm256_add_epi32(is[r][h], _mm256_madd_epi16(w, xpair(r, c)));
+        }
+      }
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + g * TILE + 8 * h)));
+      for (int r = 0; r < M; ++r)
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][h]), _mm256_mul_ps(dv, _mm256_set1_ps(xq.dx[r * G + g])),
+                                    acc[r][h]);
+      if constexpr (Q4) {
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + g * TILE + 8 * h)));
+        for (int r = 0; r < M; ++r) acc[r][h] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xq.s[r * G + g]), acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < M; ++r) {
+    float lanes[TILE];
+    _mm256_storeu_ps(lanes, acc[r][0]);
+    _mm256_storeu_ps(lanes + 8, acc[r][1]);
+    std::memcpy(y + r * N, lanes, sizeof(float) * std::min(rows, TILE));
+  }
+}
+#else
+// the same integer sums, one weight at a time
+template <int M, bool Q4>
+void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m, float* y, int64_t N,
+          int64_t rows) {
+  const int64_t G = K / QK;
+  for (int r = 0; r < M; ++r) {
+    for (int64_t j = 0; j < std::min(rows, TILE); ++j) {
+      float a = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* p = qs + g * block_bytes<Q4>();
+        const int16_t* xr = xq.q.data() + r * K + g * QK;
+        int32_t isum = 0;
+        for (int c = 0; c < 16; ++c)
+          for (int e = 0; e < 2; ++e) {
+            const int32_t w = Q4 ? ((p[((c % 8) * TILE + j) * 2 + e] >> (c < 8 ? 0 : 4)) & 0x0F)
+                                 : static_cast<int8_t>(p[(c * TILE + j) * 2 + e]);
+            isum += w * xr[2 * c + e];
+          }
+        a += isum * (h2f(d[g * TILE + j]) * xq.dx[r * G + g]);
+        if (Q4) a += h2f(m[g * TILE + j]) * xq.s[r * G + g];
+      }
+      y[r * N + j] = a;
+    }
+  }
+}
 #endif
 
 // calls f(std::integral_constant<int, M>) for M in 1..MAX_M
@@ -341,98 +271,44 @@ void dispatch_m(int64_t M, F&& f) {
   }
 }
 
-void check(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t K, int64_t qs_cols) {
+// x (M, K); qs (T, K/32, bytes per block); d, m (T, K/32, 16) fp16; N the output rows (the last tile may be
+// padded) -> (M, N) in x's dtype. Tiles are split over torch's intra-op threads.
+template <bool Q4>
+at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor* m, int64_t N) {
   TORCH_CHECK(x.device().is_cpu() && qs.device().is_cpu(), "mlsys low-bit kernels are CPU kernels");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, K)");
-  TORCH_CHECK(K % QK == 0, "K must be a multiple of 32");
-  TORCH_CHECK(x.size(0) <= MAX_M, "M must be <= 8 (larger M: dequantize and use a GEMM)");
-  TORCH_CHECK(qs.dim() == 2 && qs.size(1) == qs_cols && qs.is_contiguous(), "qs has the wrong shape");
-  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.size(0) == qs.size(0) && d.size(1) == K / QK,
-              "d must be (N, K/32) fp16");
-}
-
-at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
-  const int64_t K = x.size(1), M = x.size(0), N = qs.size(0), G = K / QK;
-  check(x, qs, d, K, K / 2);
-  TORCH_CHECK(qs.scalar_type() == at::kByte, "qs must be uint8");
-  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf && m.is_contiguous(), "m like d");
-#ifdef MLSYS_VNNI
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % QK == 0, "x must be (M, K) with K a multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1), G = K / QK, T = (N + TILE - 1) / TILE;
+  TORCH_CHECK(M >= 1 && M <= MAX_M, "M must be in 1..8 (larger M: dequantize and use a GEMM)");
+  TORCH_CHECK(qs.scalar_type() == (Q4 ? at::kByte : at::kChar), Q4 ? "qs must be uint8" : "qs must be int8");
+  TORCH_CHECK(qs.dim() == 3 && qs.size(0) == T && qs.size(1) == G && qs.size(2) == block_bytes<Q4>() &&
+              qs.is_contiguous(), "qs must be (ceil(N/16), K/32, bytes per block)");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 3 && d.size(0) == T && d.size(1) == G &&
+              d.size(2) == TILE && d.is_contiguous(), "d must be (ceil(N/16), K/32, 16) fp16");
+  if (m) TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == at::kHalf && m->is_contiguous(), "m like d");
   const at::Tensor xc = x.contiguous();
   const XQ& xq = dispatch_x(xc, M, K);
-  const uint8_t* qp = qs.data_ptr<uint8_t>();
-  const at::Half *dp = d.data_ptr<at::Half>(), *mp = m.data_ptr<at::Half>();
   Out out(x, M, N);
   float* yp = out.yp;
-  dispatch_m(M, [&](auto m_const) {
-    constexpr int MM = decltype(m_const)::value;
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        if (n + PF < n1) {
-          prefetch(qp + (n + PF) * (K / 2), K / 2);
-          prefetch(dp + (n + PF) * G, 2 * G);
-          prefetch(mp + (n + PF) * G, 2 * G);
-        }
-        q4_1_row_vnni<MM>(xq, K, qp + n * (K / 2), dp + n * G, mp + n * G, yp + n, N);
-      }
-    });
-  });
-  return out.finish();
-#else
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, xf.options());
-  const at::Tensor xsum = xf.view({M, G, QK}).sum(-1).contiguous();  // (M, G): the m term's block sums
-  const float *xp = xf.data_ptr<float>(), *sp = xsum.data_ptr<float>();
-  const uint8_t* qp = qs.data_ptr<uint8_t>();
-  const at::Half *dp = d.data_ptr<at::Half>(), *mp = m.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
-  dispatch_m(M, [&](auto m_const) {
-    constexpr int MM = decltype(m_const)::value;
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        q4_1_row<MM>(xp, K, qp + n * (K / 2), dp + n * G, mp + n * G, sp, yp + n, N);
-    });
-  });
-  return y.to(x.scalar_type());
-#endif
-}
-
-at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
-  const int64_t K = x.size(1), M = x.size(0), N = qs.size(0), G = K / QK;
-  check(x, qs, d, K, K);
-  TORCH_CHECK(qs.scalar_type() == at::kChar, "qs must be int8");
-  const int8_t* qp = qs.data_ptr<int8_t>();
+  const uint8_t* qp = static_cast<const uint8_t*>(qs.data_ptr());
   const at::Half* dp = d.data_ptr<at::Half>();
-#ifdef MLSYS_VNNI
-  const at::Tensor xc = x.contiguous();
-  const XQ& xq = dispatch_x(xc, M, K);
-  Out out(x, M, N);
-  float* yp = out.yp;
+  const at::Half* mp = m ? m->data_ptr<at::Half>() : nullptr;
   dispatch_m(M, [&](auto m_const) {
     constexpr int MM = decltype(m_const)::value;
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        if (n + PF < n1) {
-          prefetch(qp + (n + PF) * K, K);
-          prefetch(dp + (n + PF) * G, 2 * G);
-        }
-        q8_0_row_vnni<MM>(xq, K, qp + n * K, dp + n * G, yp + n, N);
-      }
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        tile<MM, Q4>(xq, K, qp + t * G * block_bytes<Q4>(), dp + t * G * TILE, mp ? mp + t * G * TILE : nullptr,
+                     yp + t * TILE, N, N - t * TILE);
     });
   });
   return out.finish();
-#else
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, xf.options());
-  float* yp = y.data_ptr<float>();
-  const float* xp = xf.data_ptr<float>();
-  dispatch_m(M, [&](auto m_const) {
-    constexpr int MM = decltype(m_const)::value;
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) q8_0_row<MM>(xp, K, qp + n * K, dp + n * G, yp + n, N);
-    });
-  });
-  return y.to(x.scalar_type());
-#endif
+}
+
+at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t n) {
+  return tiled_linear<true>(x, qs, d, &m, n);
+}
+
+at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t n) {
+  return tiled_linear<false>(x, qs, d, nullptr, n);
 }
 
 
@@ -585,8 +461,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY(mlsys, lib) {
   lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
   lib.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
-  lib.def("q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
-  lib.def("q8_0_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
+  lib.def("q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m, int n) -> Tensor");
+  lib.def("q8_0_linear(Tensor x, Tensor qs, Tensor d, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mlsys, CPU, lib) {

@@ -76,12 +76,12 @@ def has_bf16_gemv() -> bool:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("mlsys::q4_1_linear")
-    def _(x, qs, d, m):
-        return x.new_empty(x.shape[0], qs.shape[0])
+    def _(x, qs, d, m, n):
+        return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("mlsys::q8_0_linear")
-    def _(x, qs, d):
-        return x.new_empty(x.shape[0], qs.shape[0])
+    def _(x, qs, d, n):
+        return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("mlsys::bf16_linear")
     def _(x, w):

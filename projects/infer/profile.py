@@ -59,6 +59,7 @@ def bucket(name: str) -> str:
 
 
 @torch.no_grad()
+@torch.no_grad()  # as generate() runs the step: traced with autograd, the step would carry its wrapper's cost
 def run(cfg: ProfileConfig) -> dict:
     os.environ["MLSYS_KERNELS"] = "1" if cfg.kernels else "0"  # read once, at the first kernel use
     torch.set_num_threads(cfg.threads)

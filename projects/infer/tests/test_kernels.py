@@ -62,17 +62,42 @@ def test_kernel_matches_dequantized_linear(fmt, M, dtype):
     """The kernel = F.linear on the dequantized weight, up to the activation's int16 rounding per block of 32:
     |error| <= sum_j |d q_j| * dx_j / 2 per output (Q4_1's m term uses exact sums), dx = max|x_block| / 32767;
     an int8 rounding would fail it."""
-    mod = (BQ.Q4_1Linear if fmt == "q4_1" else BQ.Q8_0Linear).from_linear(_lin(_w(n=80, k=160)))
+    N = 72                                                                       # 4 tiles of 16 and a padded one
+    mod = (BQ.Q4_1Linear if fmt == "q4_1" else BQ.Q8_0Linear).from_linear(_lin(_w(n=N, k=160)))
     x = torch.randn(M, 160, generator=torch.Generator().manual_seed(M)).to(dtype)
     y = mod(x)
-    assert y.dtype == dtype and y.shape == (M, 80)
+    assert y.dtype == dtype and y.shape == (M, N)
     wd = mod.dequantize()
     ref = F.linear(x.float(), wd)
     dx = x.float().view(M, 5, 32).abs().amax(-1) / 32767                          # (M, G)
-    dq = wd - (mod.m.float().repeat_interleave(32, 1) if fmt == "q4_1" else 0)    # d q: what x multiplies
-    bound = (dq.abs().view(80, 5, 32).sum(-1)[None] * dx[:, None] / 2).sum(-1)   # (M, N)
+    dq = wd - (mod.rows()[2].float().repeat_interleave(32, 1) if fmt == "q4_1" else 0)  # d q: what x multiplies
+    bound = (dq.abs().view(N, 5, 32).sum(-1)[None] * dx[:, None] / 2).sum(-1)    # (M, N)
     slack = 1e-4 + (8e-3 * ref.abs() if dtype == torch.bfloat16 else 0)          # fp32 sums; bf16 output
     assert ((y.float() - ref).abs() <= bound + slack).all()
+
+
+@pytest.mark.parametrize("n", [48, 50])
+def test_tiled_layout_round_trips_and_rows_are_where_the_kernels_read_them(n):
+    w = _w(n=n, k=64, seed=1)
+    rows4 = BQ.q4_1_quantize(w)
+    mod4 = BQ.Q4_1Linear.from_linear(_lin(w))
+    assert mod4.qs.shape == (-(-n // 16), 2, 256)
+    for a, b in zip(mod4.rows(), rows4):
+        assert torch.equal(a, b)
+    rows8 = BQ.q8_0_quantize(w)
+    mod8 = BQ.Q8_0Linear.from_linear(_lin(w))
+    for a, b in zip(mod8.rows(), rows8):
+        assert torch.equal(a, b)
+    # the documented byte: tile 0, block 1, column pair c = 3, row j = 5, e = 1 holds column 32 + 2c + e of row j
+    # (low nibble) and, for Q4_1, column 32 + 2(c + 8) + e (high nibble)
+    q4 = torch.cat([rows4[0].view(n, 2, 16) & 15, rows4[0].view(n, 2, 16) >> 4], -1).view(n, 64)
+    byte = int(mod4.qs[0, 1].view(8, 16, 2)[3, 5, 1])
+    assert byte & 15 == q4[5, 32 + 7] and byte >> 4 == q4[5, 32 + 23]
+    assert int(mod8.qs[0, 1].view(16, 16, 2)[3, 5, 1]) == rows8[0][5, 32 + 7]
+    assert mod4.d[0, 1, 5] == rows4[1][5, 1] and mod8.d[0, 1, 5] == rows8[1][5, 1]
+    emb = BQ.Q8_0Embedding(mod8, torch.float32)
+    idx = torch.tensor([[0, n - 1], [17, 5]])
+    assert torch.equal(emb(idx), BQ.q8_0_dequantize(*rows8)[idx])
 
 
 def _lin(w):
