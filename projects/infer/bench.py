@@ -303,7 +303,7 @@ def profiles(cfg) -> list[dict]:
     import subprocess
     runs = [("before: int4 g32 (torch's int4 kernel), torch.compile as before, CPU flash attention",
              ["--scheme", "int4", "--compile", "default", "--no-kernels"]),
-            ("after: q4_1 (kernels.cpp), compile_decode (C++ wrapper, frozen weights), decode attention",
+            ("after: q4_1 (kernels.cpp), compile_decode (C++ wrapper, freezing), decode attention",
              ["--scheme", "q4_1", "--compile", "cpp"]),
             ("bf16, eager", ["--scheme", "bf16", "--compile", "none"]),
             ("bf16, compile_decode", ["--scheme", "bf16", "--compile", "cpp"])]

@@ -16,9 +16,10 @@ per (tile, block of 32 columns) the tile's 16 x 32 values as 16 column pairs x 1
 int16 is one column pair for all 16 rows (kernels.cpp's `tile`). Q4_1 halves it: byte (c, row, e) holds pair c
 in its low nibble and pair c + 8 in its high one. The scales d (and m) are (tiles, blocks, 16).
 
-Compute: for small M (decode) on x86 the C++ kernels in kernels.cpp (integer dot products, the activations
-rounded to int16 per block of 32); otherwise (prefill, GPUs, no compiler) the weight is dequantized to the
-activation dtype and multiplied by `F.linear`, the platform's GEMM (AMX/oneDNN on CPU).
+Compute: for small M (decode, short prompts) on x86 the C++ kernels in kernels.cpp (integer dot products, the
+activations rounded to int16 per block of 32); otherwise (long prefill, GPUs, no compiler) the weight is
+dequantized to the activation dtype (on CPU by the C++ kernel, in one pass) and multiplied by `F.linear`, the
+platform's GEMM (AMX/oneDNN on CPU).
 """
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ from projects.infer import kernels
 
 QK = 32
 TILE = 16         # output rows per tile of the kernels' layout
-KERNEL_MAX_M = 8  # the C++ kernels handle up to 8 activation rows; beyond that a GEMM on dequantized weights
+# Up to this many activation rows the C++ kernel (its cost grows with the rows); beyond, the weight dequantized once
+# and the platform GEMM (AMX/oneDNN), whose per-row cost is far lower. The crossover lies between 32 and 128 rows
+# on an AMX CPU (higher without AMX): 32 keeps batched decode and short prompts on the kernel.
+KERNEL_MAX_M = 32
 
 
 def _blocks(w: torch.Tensor) -> torch.Tensor:
@@ -140,7 +144,7 @@ class _BlockLinear(nn.Module):
             y = self._kernel(x2)
         else:
             # dequantized in fp32, then cast: d and m are fp16, which bf16 arithmetic would round further
-            y = F.linear(x2, self.dequantize().to(x.dtype))
+            y = F.linear(x2, self.dequantize(x.dtype))
         return y.view(*shape[:-1], self.out_features)
 
 
@@ -166,7 +170,9 @@ class Q4_1Linear(_BlockLinear):
         return unpack_q4_1(self.qs, self.d, self.m, self.out_features)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return q4_1_dequantize(*self.rows(), dtype)
+        if self.qs.device.type == "cpu" and kernels.available():  # one threaded pass (prefill runs it per call)
+            return torch.ops.mlsys.q4_1_dequantize(self.qs, self.d, self.m, self.out_features, dtype)
+        return q4_1_dequantize(*self.rows()).to(dtype)  # fp32 arithmetic, then the cast
 
     def _kernel(self, x2):
         return torch.ops.mlsys.q4_1_linear(x2, self.qs, self.d, self.m, self.out_features)
@@ -200,7 +206,9 @@ class Q8_0Linear(_BlockLinear):
         return unpack_q8_0(self.qs, self.d, self.out_features)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return q8_0_dequantize(*self.rows(), dtype)
+        if self.qs.device.type == "cpu" and kernels.available():
+            return torch.ops.mlsys.q8_0_dequantize(self.qs, self.d, self.out_features, dtype)
+        return q8_0_dequantize(*self.rows()).to(dtype)
 
     def _kernel(self, x2):
         return torch.ops.mlsys.q8_0_linear(x2, self.qs, self.d, self.out_features)

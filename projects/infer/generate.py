@@ -64,7 +64,7 @@ def decode_step(model: Transformer, tok, input_pos, key_valid):
 
 def compile_decode():
     """decode_step compiled: CUDA graphs (reduce-overhead) on CUDA; on CPU inductor's fused C++ kernels called
-    from its C++ wrapper (no Python between the ~10 calls per layer) with the weights frozen into constants.
+    from its C++ wrapper (no Python between the ~10 calls per layer), with inductor's freezing on.
     The step's time split with and without these: docs/infer.md (from the infer record's profile)."""
     # dynamic=False: one static graph per batch size (automatic dynamic shapes would give slower kernels); the
     # graphs of every model and batch size compiled in one process share decode_step's cache, whose default
@@ -77,8 +77,8 @@ def compile_decode():
 
 
 def _skip_weight_guards(entries) -> list[bool]:
-    """Dynamo's guards, minus the tensor checks on module weights: the weights are frozen into the graph (a
-    changed weight would not be seen either way), and checking each of them costs more per step than a layer's
+    """Dynamo's guards, minus the tensor checks on module weights: with freezing a changed weight would not be
+    seen either way, and checking each of them costs more per step than a layer's
     kernels. Every other guard stays (which modules, of which types: another model recompiles) and so do the
     KV cache's tensor checks (a reallocated cache recompiles)."""
     return [e.guard_type != "TENSOR_MATCH" or "kv_cache" in e.name

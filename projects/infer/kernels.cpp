@@ -1,4 +1,4 @@
-// Low-bit matmuls for small M (batch-1..8 decode) on the CPU, in llama.cpp's block formats.
+// Low-bit matmuls on the CPU in llama.cpp's block formats (any M: decode and prefill), a bf16 GEMV, decode attention.
 //
 //   mlsys::q4_1_linear(x (M, K), qs (T, K/32, 256) uint8, d, m (T, K/32, 16) fp16, n) -> (M, n)
 //   mlsys::q8_0_linear(x (M, K), qs (T, K/32, 512) int8,  d (T, K/32, 16) fp16, n)    -> (M, n)
@@ -55,15 +55,8 @@ struct Out {
       yp = scratch.data();
     }
   }
-  at::Tensor finish() {
-    const int64_t n = y.numel();
-    if (y.scalar_type() == at::kBFloat16) {
-      at::BFloat16* o = y.data_ptr<at::BFloat16>();
-      for (int64_t i = 0; i < n; ++i) o[i] = at::BFloat16(yp[i]);
-    } else if (y.scalar_type() == at::kHalf) {
-      at::Half* o = y.data_ptr<at::Half>();
-      for (int64_t i = 0; i < n; ++i) o[i] = at::Half(yp[i]);
-    }
+  at::Tensor finish() {  // aten's copy converts (vectorised, and threaded for prefill's large outputs)
+    if (y.scalar_type() != at::kFloat) y.copy_(at::from_blob(yp, y.sizes(), y.options().dtype(at::kFloat)));
     return y;
   }
 };
@@ -133,7 +126,7 @@ constexpr int64_t block_bytes() { return Q4 ? 256 : 512; }
 // vpdpwssd: 32 int16 products per instruction, accumulated in place; its 4-5 cycle latency would cap one chain at
 // a quarter of the throughput, so a single activation row spreads a block over NC independent accumulators
 template <int M, bool Q4>
-void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m, float* y, int64_t N,
+void tile(const int16_t* xqq, const float* xdx, const float* xs, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m, float* y, int64_t N,
           int64_t rows) {
   const int64_t G = K / QK;
   constexpr int NC = M == 1 ? 4 : 2;
@@ -147,7 +140,7 @@ void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const a
       for (int c = 0; c < NC; ++c) is[r][c] = _mm512_setzero_si512();
     // the activation pairs of this block, as int32 words: xr[c] = (x[2c], x[2c + 1])
     auto xpair = [&](int r, int c) {
-      return _mm512_set1_epi32(reinterpret_cast<const int32_t*>(xq.q.data() + r * K + g * QK)[c]);
+      return _mm512_set1_epi32(reinterpret_cast<const int32_t*>(xqq + r * K + g * QK)[c]);
     };
     if constexpr (Q4) {
       for (int c = 0; c < 8; ++c) {
@@ -168,11 +161,11 @@ void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const a
     for (int r = 0; r < M; ++r) {
       __m512i t = is[r][0];
       for (int c = 1; c < NC; ++c) t = _mm512_add_epi32(t, is[r][c]);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dv, _mm512_set1_ps(xq.dx[r * G + g])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dv, _mm512_set1_ps(xdx[r * G + g])), acc[r]);
     }
     if constexpr (Q4) {
       const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + g * TILE)));
-      for (int r = 0; r < M; ++r) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xq.s[r * G + g]), acc[r]);
+      for (int r = 0; r < M; ++r) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[r * G + g]), acc[r]);
     }
   }
   const __mmask16 keep = rows >= TILE ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
@@ -182,7 +175,7 @@ void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const a
 // vpmaddwd: 16 int16 products per instruction into 8 int32 lanes, so a tile is two halves of 8 rows; the running
 // sums are plain adds (one-cycle chains)
 template <int M, bool Q4>
-void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m, float* y, int64_t N,
+void tile(const int16_t* xqq, const float* xdx, const float* xs, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m, float* y, int64_t N,
           int64_t rows) {
   const int64_t G = K / QK;
   __m256 acc[M][2];
@@ -193,7 +186,7 @@ void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const a
     __m256i is[M][2];
     for (int r = 0; r < M; ++r) is[r][0] = is[r][1] = _mm256_setzero_si256();
     auto xpair = [&](int r, int c) {
-      return _mm256_set1_epi32(reinterpret_cast<const int32_t*>(xq.q.data() + r * K + g * QK)[c]);
+      return _mm256_set1_epi32(reinterpret_cast<const int32_t*>(xqq + r * K + g * QK)[c]);
     };
     for (int h = 0; h < 2; ++h) {   // rows 8h .. 8h + 7: the second 16 bytes of each 32-byte chunk
       if constexpr (Q4) {
@@ -212,11 +205,11 @@ void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const a
       }
       const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + g * TILE + 8 * h)));
       for (int r = 0; r < M; ++r)
-        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][h]), _mm256_mul_ps(dv, _mm256_set1_ps(xq.dx[r * G + g])),
+        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][h]), _mm256_mul_ps(dv, _mm256_set1_ps(xdx[r * G + g])),
                                     acc[r][h]);
       if constexpr (Q4) {
         const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + g * TILE + 8 * h)));
-        for (int r = 0; r < M; ++r) acc[r][h] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xq.s[r * G + g]), acc[r][h]);
+        for (int r = 0; r < M; ++r) acc[r][h] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[r * G + g]), acc[r][h]);
       }
     }
   }
@@ -230,7 +223,7 @@ void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const a
 #else
 // the same integer sums, one weight at a time
 template <int M, bool Q4>
-void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m, float* y, int64_t N,
+void tile(const int16_t* xqq, const float* xdx, const float* xs, int64_t K, const uint8_t* qs, const at::Half* d, const at::Half* m, float* y, int64_t N,
           int64_t rows) {
   const int64_t G = K / QK;
   for (int r = 0; r < M; ++r) {
@@ -238,7 +231,7 @@ void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const a
       float a = 0;
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* p = qs + g * block_bytes<Q4>();
-        const int16_t* xr = xq.q.data() + r * K + g * QK;
+        const int16_t* xr = xqq + r * K + g * QK;
         int32_t isum = 0;
         for (int c = 0; c < 16; ++c)
           for (int e = 0; e < 2; ++e) {
@@ -246,8 +239,8 @@ void tile(const XQ& xq, int64_t K, const uint8_t* qs, const at::Half* d, const a
                                  : static_cast<int8_t>(p[(c * TILE + j) * 2 + e]);
             isum += w * xr[2 * c + e];
           }
-        a += isum * (h2f(d[g * TILE + j]) * xq.dx[r * G + g]);
-        if (Q4) a += h2f(m[g * TILE + j]) * xq.s[r * G + g];
+        a += isum * (h2f(d[g * TILE + j]) * xdx[r * G + g]);
+        if (Q4) a += h2f(m[g * TILE + j]) * xs[r * G + g];
       }
       y[r * N + j] = a;
     }
@@ -272,13 +265,16 @@ void dispatch_m(int64_t M, F&& f) {
 }
 
 // x (M, K); qs (T, K/32, bytes per block); d, m (T, K/32, 16) fp16; N the output rows (the last tile may be
-// padded) -> (M, N) in x's dtype. Tiles are split over torch's intra-op threads.
+// padded) -> (M, N) in x's dtype. Tiles are split over torch's intra-op threads. Any M: rows go in chunks of
+// ROWS (their int16 activations stay in L2 while every tile passes), and within a tile 8 at a time (a tile's
+// weights, K/32 x 320 bytes, stay in L1/L2 for the next 8), so prefill runs the same integer arithmetic as decode.
+constexpr int64_t ROWS = 64;
+
 template <bool Q4>
 at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor* m, int64_t N) {
   TORCH_CHECK(x.device().is_cpu() && qs.device().is_cpu(), "mlsys low-bit kernels are CPU kernels");
   TORCH_CHECK(x.dim() == 2 && x.size(1) % QK == 0, "x must be (M, K) with K a multiple of 32");
   const int64_t M = x.size(0), K = x.size(1), G = K / QK, T = (N + TILE - 1) / TILE;
-  TORCH_CHECK(M >= 1 && M <= MAX_M, "M must be in 1..8 (larger M: dequantize and use a GEMM)");
   TORCH_CHECK(qs.scalar_type() == (Q4 ? at::kByte : at::kChar), Q4 ? "qs must be uint8" : "qs must be int8");
   TORCH_CHECK(qs.dim() == 3 && qs.size(0) == T && qs.size(1) == G && qs.size(2) == block_bytes<Q4>() &&
               qs.is_contiguous(), "qs must be (ceil(N/16), K/32, bytes per block)");
@@ -292,15 +288,79 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& qs, const at::Ten
   const uint8_t* qp = static_cast<const uint8_t*>(qs.data_ptr());
   const at::Half* dp = d.data_ptr<at::Half>();
   const at::Half* mp = m ? m->data_ptr<at::Half>() : nullptr;
-  dispatch_m(M, [&](auto m_const) {
-    constexpr int MM = decltype(m_const)::value;
+  const int16_t* xqq = xq.q.data();
+  const float *xdx = xq.dx.data(), *xs = xq.s.data();
+  for (int64_t c0 = 0; c0 < M; c0 += ROWS) {
+    const int64_t c1 = std::min(M, c0 + ROWS);
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        tile<MM, Q4>(xq, K, qp + t * G * block_bytes<Q4>(), dp + t * G * TILE, mp ? mp + t * G * TILE : nullptr,
-                     yp + t * TILE, N, N - t * TILE);
+        for (int64_t r0 = c0; r0 < c1; r0 += MAX_M)
+          dispatch_m(std::min(MAX_M, c1 - r0), [&](auto m_const) {
+            constexpr int MM = decltype(m_const)::value;
+            tile<MM, Q4>(xqq + r0 * K, xdx + r0 * G, xs + r0 * G, K, qp + t * G * block_bytes<Q4>(),
+                         dp + t * G * TILE, mp ? mp + t * G * TILE : nullptr, yp + r0 * N + t * TILE, N, N - t * TILE);
+          });
+    });
+  }
+  return out.finish();
+}
+
+// ---- the tiles back to a dense (n, K) weight in the activation dtype, for prefill's GEMM: w = d q (+ m) in fp32,
+// then cast (as blockquant.py's torch path does). One pass, threaded over tiles; each (tile, block) is widened
+// into a stack buffer in its stored order, then read back row by row.
+template <bool Q4, typename T>
+void dequant_tile(const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t G, int64_t K, int64_t rows, T* out) {
+  int16_t pq[16][TILE][2];   // (column pair, row, e)
+  int16_t* flat = &pq[0][0][0];
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* p = qs + g * block_bytes<Q4>();
+    if constexpr (Q4) {
+      for (int i = 0; i < 256; ++i) {
+        flat[i] = p[i] & 0x0F;
+        flat[256 + i] = p[i] >> 4;
+      }
+    } else {
+      for (int i = 0; i < 512; ++i) flat[i] = static_cast<int8_t>(p[i]);
+    }
+    for (int64_t j = 0; j < std::min(rows, TILE); ++j) {
+      const float dj = h2f(d[g * TILE + j]), mj = Q4 ? h2f(m[g * TILE + j]) : 0.f;
+      T* o = out + j * K + g * QK;
+      for (int c = 0; c < 16; ++c)
+        for (int e = 0; e < 2; ++e) o[2 * c + e] = static_cast<T>(pq[c][j][e] * dj + mj);
+    }
+  }
+}
+
+template <bool Q4>
+at::Tensor tiled_dequantize(const at::Tensor& qs, const at::Tensor& d, const at::Tensor* m, int64_t N,
+                            at::ScalarType dtype) {
+  TORCH_CHECK(qs.device().is_cpu() && qs.dim() == 3 && qs.size(2) == block_bytes<Q4>() && qs.is_contiguous() &&
+              d.sizes() == at::IntArrayRef({qs.size(0), qs.size(1), TILE}) && d.scalar_type() == at::kHalf &&
+              d.is_contiguous() && (N + TILE - 1) / TILE == qs.size(0), "qs (ceil(n/16), K/32, bytes), d (.., 16)");
+  if (m) TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == at::kHalf && m->is_contiguous(), "m like d");
+  const int64_t T = qs.size(0), G = qs.size(1), K = G * QK;
+  at::Tensor w = at::empty({N, K}, qs.options().dtype(dtype));
+  const uint8_t* qp = static_cast<const uint8_t*>(qs.data_ptr());
+  const at::Half* dp = d.data_ptr<at::Half>();
+  const at::Half* mp = m ? m->data_ptr<at::Half>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "block_dequantize", [&] {
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        dequant_tile<Q4>(qp + t * G * block_bytes<Q4>(), dp + t * G * TILE, mp ? mp + t * G * TILE : nullptr, G, K,
+                         N - t * TILE, wp + t * TILE * K);
     });
   });
-  return out.finish();
+  return w;
+}
+
+at::Tensor q4_1_dequantize(const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t n,
+                           at::ScalarType dtype) {
+  return tiled_dequantize<true>(qs, d, &m, n, dtype);
+}
+
+at::Tensor q8_0_dequantize(const at::Tensor& qs, const at::Tensor& d, int64_t n, at::ScalarType dtype) {
+  return tiled_dequantize<false>(qs, d, nullptr, n, dtype);
 }
 
 at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m, int64_t n) {
@@ -463,11 +523,15 @@ TORCH_LIBRARY(mlsys, lib) {
   lib.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
   lib.def("q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m, int n) -> Tensor");
   lib.def("q8_0_linear(Tensor x, Tensor qs, Tensor d, int n) -> Tensor");
+  lib.def("q4_1_dequantize(Tensor qs, Tensor d, Tensor m, int n, ScalarType dtype) -> Tensor");
+  lib.def("q8_0_dequantize(Tensor qs, Tensor d, int n, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mlsys, CPU, lib) {
   lib.impl("q4_1_linear", &q4_1_linear);
   lib.impl("q8_0_linear", &q8_0_linear);
+  lib.impl("q4_1_dequantize", &q4_1_dequantize);
+  lib.impl("q8_0_dequantize", &q8_0_dequantize);
   lib.impl("decode_attention", &decode_attention);
 #if defined(__AVX512F__)
   lib.impl("bf16_linear", &bf16_linear);

@@ -83,6 +83,14 @@ def _register_fakes() -> None:
     def _(x, qs, d, n):
         return x.new_empty(x.shape[0], n)
 
+    @torch.library.register_fake("mlsys::q4_1_dequantize")
+    def _(qs, d, m, n, dtype):
+        return qs.new_empty(n, qs.shape[1] * 32, dtype=dtype)
+
+    @torch.library.register_fake("mlsys::q8_0_dequantize")
+    def _(qs, d, n, dtype):
+        return qs.new_empty(n, qs.shape[1] * 32, dtype=dtype)
+
     @torch.library.register_fake("mlsys::bf16_linear")
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])

@@ -100,6 +100,22 @@ def test_tiled_layout_round_trips_and_rows_are_where_the_kernels_read_them(n):
     assert torch.equal(emb(idx), BQ.q8_0_dequantize(*rows8)[idx])
 
 
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_kernel_any_rows_and_dequantize_match_the_torch_path(fmt):
+    """70 rows (a 64-row chunk, then 6; 8 at a time inside a tile) = F.linear within the int16 rounding; the C++
+    dequantize = the torch one exactly, in fp32 and bf16."""
+    mod = (BQ.Q4_1Linear if fmt == "q4_1" else BQ.Q8_0Linear).from_linear(_lin(_w(n=40, k=96)))
+    ref_w = (BQ.q4_1_dequantize if fmt == "q4_1" else BQ.q8_0_dequantize)(*mod.rows())
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(mod.dequantize(dtype), ref_w.to(dtype))
+    x = torch.randn(70, 96, generator=torch.Generator().manual_seed(0))
+    y = mod._kernel(x)
+    ref = F.linear(x, ref_w)
+    assert y.shape == (70, 40) and ((y - ref).abs() <= 1e-3 * ref.abs().max()).all()
+    assert torch.allclose(y[:8], mod._kernel(x[:8]))  # a row's result does not depend on its chunk
+
+
 def _lin(w):
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data.copy_(w)
@@ -186,3 +202,4 @@ def test_llamacpp_peer_greedy_and_logits():
     assert theirs[:4] == ours[:4]  # same weights: the first greedy tokens agree (later ones may drift)
     assert logits.shape == (ids.shape[1], model.args.vocab_size)
     assert int(logits[-1].argmax()) == theirs[0]
+
