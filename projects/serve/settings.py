@@ -3,11 +3,14 @@
 The environment is the process boundary: whoever starts a replica (the supervisor, the bench, a container)
 builds a `Settings` and turns it into variables once, with `common.config.to_env(settings, PREFIX)`; the
 replica reads them back with `Settings.from_env()`. An unknown SERVE_* variable or a bad value stops the
-replica with a one-line error naming it.
+replica with a one-line error naming it. The one exception: the variables Kubernetes injects for a Service
+named `serve` (SERVE_SERVICE_HOST, SERVE_PORT, SERVE_PORT_80_TCP_ADDR, ...; service links, on by default in
+every pod started after the Service) are not settings and are passed over.
 """
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -16,6 +19,9 @@ from common import config
 from projects.serve.model import DEFAULT_MODEL
 
 PREFIX = "SERVE_"
+# the kubelet's service-link names for a Service named "serve" (Docker-links style, upper-cased):
+# SERVE_SERVICE_HOST, SERVE_SERVICE_PORT[_<port name>], SERVE_PORT[_<port>_<PROTO>[_PROTO|_PORT|_ADDR]]
+SERVICE_LINK = re.compile(rf"{PREFIX}(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 
 
 @dataclass
@@ -95,8 +101,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
-        """SERVE_<FIELD> for every field; REDIS_URL stands in for SERVE_REDIS_URL."""
-        env = os.environ if env is None else env
+        """SERVE_<FIELD> for every field; REDIS_URL stands in for SERVE_REDIS_URL; service links passed over."""
+        env = {k: v for k, v in (os.environ if env is None else env).items() if not SERVICE_LINK.fullmatch(k)}
         alias = {"redis_url": env["REDIS_URL"]} if f"{PREFIX}REDIS_URL" not in env and env.get("REDIS_URL") else {}
         return config.from_env(cls, PREFIX, env, **alias)
 

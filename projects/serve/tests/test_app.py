@@ -259,3 +259,19 @@ def test_quantized_generator_setting(gen_parts):
         eng = make_engine(settings(gen_model="stories260k", gen_quant=scheme, gen_slots=2))
         assert isinstance(eng.model.layers[0].feed_forward.w1, cls)
         assert eng.model.layers[0].attention.kv_cache.k_cache.dtype == eng.model.norm.weight.dtype
+
+
+def test_app_starts_under_the_environment_the_kubelet_injects(monkeypatch, embedder):
+    """A Service named `serve` gives every later pod SERVE_SERVICE_HOST, SERVE_PORT, SERVE_PORT_80_TCP_* ...
+    (service links): the replica passes them over; an unknown SERVE_* name is still refused."""
+    from projects.serve.settings import Settings
+    kubelet = {"SERVE_SERVICE_HOST": "10.96.0.12", "SERVE_SERVICE_PORT": "80", "SERVE_SERVICE_PORT_HTTP": "80",
+               "SERVE_PORT": "tcp://10.96.0.12:80", "SERVE_PORT_80_TCP": "tcp://10.96.0.12:80",
+               "SERVE_PORT_80_TCP_PROTO": "tcp", "SERVE_PORT_80_TCP_PORT": "80", "SERVE_PORT_80_TCP_ADDR": "10.96.0.12"}
+    for k, v in {**kubelet, "SERVE_MAX_QUEUE": "77"}.items():
+        monkeypatch.setenv(k, v)
+    assert Settings.from_env().max_queue == 77
+    assert create_app(embedder=embedder) is not None
+    monkeypatch.setenv("SERVE_PORTT", "1")  # a typo is not a service link
+    with pytest.raises(SystemExit):
+        create_app(embedder=embedder)
