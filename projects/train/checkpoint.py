@@ -126,10 +126,18 @@ def save(root: Path, step: int, model: nn.Module, optimizer, trainer: dict, conf
         fd = os.open(root, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-        for old in complete_dirs(root)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate(root, final, keep)
     dist.barrier()
     return final
+
+
+def rotate(root: Path, final: Path, keep: int) -> None:
+    """Keep the checkpoint just written and the keep - 1 newest before it; delete older ones. Directories with a
+    higher step are left alone: a run resumed from an earlier checkpoint (the newer ones failed verification,
+    or the user chose it) must neither lose what it just wrote to them nor delete what it did not write."""
+    older = [p for p in complete_dirs(root) if p.name < final.name]
+    for old in older[max(keep - 1, 0):]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- finding and verifying

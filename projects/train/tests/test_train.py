@@ -182,6 +182,17 @@ def test_global_cursor_reshard_sees_each_remaining_sample_once():
         assert sorted(first + rest) == list(range(n))
 
 
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A run resumed from step 200 because step 300 failed verification writes step 250: rotation with keep=2
+    keeps 250 and 200, deletes 100, and leaves 300 (not this run's to delete)."""
+    for s in (100, 200, 250, 300):
+        checkpoint.step_dir(tmp_path, s).mkdir()
+    checkpoint.rotate(tmp_path, checkpoint.step_dir(tmp_path, 250), keep=2)
+    assert [p.name for p in checkpoint.complete_dirs(tmp_path)] == ["step_00000300", "step_00000250", "step_00000200"]
+    checkpoint.rotate(tmp_path, checkpoint.step_dir(tmp_path, 250), keep=1)
+    assert [p.name for p in checkpoint.complete_dirs(tmp_path)] == ["step_00000300", "step_00000250"]
+
+
 def test_augmentation_independent_of_world_size():
     """The same global position gets the same crop/flip whatever the world size and accumulation split."""
     split = data.Split(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 100, 100)
