@@ -15,7 +15,10 @@ Without --detach, `up` runs the supervisor in the foreground and Ctrl-C stops ev
   - optionally redis-server (--redis-port) for the shared embedding cache, passed on as REDIS_URL.
 Everything it writes -- replica and nginx logs, rendered nginx.conf, PID files, cluster.json -- goes to
 --run-dir (default runs/serve/cluster). `down` reads the PID files and signals only those processes, after
-checking each one's command line is the one started (a recycled PID is never killed).
+checking each one's start time and command line are the ones started (a recycled PID is never killed). One
+cluster per run directory: `up` holds an exclusive lock on its cluster.lock for the supervisor's lifetime
+(a detached start hands the locked descriptor to the supervisor), so a second `up` stops before it touches
+anything.
 
 The supervisor restarts a replica that dies (a SIGKILL, an OOM) on the same port, and keeps the nginx
 upstream to replicas that answer /readyz: a starting replica is listed `down`, added (`nginx -s reload`)
@@ -27,6 +30,7 @@ supervisor.py; this file is its command line.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import signal
@@ -37,32 +41,66 @@ from pathlib import Path
 
 from common import config
 from common.env import REPO_ROOT
-from projects.serve.procs import cmdline, http_ok, pid_alive
+from projects.serve.procs import cmdline, http_ok, pid_alive, start_time
 from projects.serve.supervisor import Cluster, ClusterConfig
 
 
 # --------------------------------------------------------------------------------------------------------
 # commands
 def started_pids(run_dir: Path) -> dict[str, int]:
-    """{name: pid} from the run directory's PID files, only for processes still running what we started."""
+    """{name: pid} from the run directory's PID files, only for processes that are exactly the ones we started:
+    the same start time where the file records one (ours do; nginx writes its own), and the command line's
+    own tokens (`--port 8101` is not `--port 81010`, and not any redis-server)."""
     out = {}
     for f in sorted(run_dir.glob("*.pid")):
         try:
-            pid = int(f.read_text().split()[0])
+            fields = f.read_text().split()
+            pid, start = int(fields[0]), (int(fields[1]) if len(fields) > 1 and fields[1] != "None" else None)
         except (ValueError, IndexError, OSError):
             continue
-        name = f.stem
-        cl = cmdline(pid)
-        expect = {"supervisor": "projects.serve.cluster", "nginx": str(run_dir), "redis": "redis-server"}.get(
-            name, f"--port {name.removeprefix('replica-')}")
-        if pid_alive(pid) and expect in cl:
+        if not pid_alive(pid) or (start is not None and start != start_time(pid)):
+            continue
+        name, tokens = f.stem, cmdline(pid).split()
+        pairs = set(zip(tokens, tokens[1:]))
+        if name == "supervisor":
+            ours = ("-m", "projects.serve.cluster") in pairs
+        elif name == "nginx":
+            ours = ("-c", str(run_dir / "nginx.conf")) in pairs
+        elif name == "redis":  # redis retitles itself ("redis-server 127.0.0.1:<port>"): its start time is the check
+            ours = start is not None and bool(tokens) and tokens[0].endswith("redis-server")
+        else:
+            ours = ("--port", name.removeprefix("replica-")) in pairs
+        if ours:
             out[name] = pid
     return out
+
+
+LOCK_FD_ENV = "MLSYS_CLUSTER_LOCK_FD"  # the locked descriptor a detached `up` hands to its supervisor
+
+
+def lock(run_dir: Path) -> int | None:
+    """An exclusive flock on run_dir/cluster.lock (or the one inherited from a detaching `up`), held until the
+    process exits; None while another `up` or supervisor holds it."""
+    inherited = os.environ.pop(LOCK_FD_ENV, None)
+    if inherited is not None:
+        return int(inherited)
+    fd = os.open(run_dir / "cluster.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def up(cfg: ClusterConfig) -> int:
     run_dir = cfg.resolved_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
+    fd = lock(run_dir)
+    if fd is None:
+        print(f"error: another `up` is starting or running a cluster from {run_dir} (its supervisor holds "
+              f"{run_dir / 'cluster.lock'})", file=sys.stderr)
+        return 1
     if started_pids(run_dir):
         print(f"error: a cluster from {run_dir} is running (`python -m projects.serve.cluster down` first)",
               file=sys.stderr)
@@ -74,7 +112,7 @@ def up(cfg: ClusterConfig) -> int:
     argv = [sys.executable, "-m", "projects.serve.cluster", "up", *config.to_argv(dataclasses.replace(cfg, detach=False))]
     log = open(run_dir / "supervisor.out", "ab")
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, pass_fds=(fd,), env={**os.environ, LOCK_FD_ENV: str(fd)})
     log.close()
     deadline = time.monotonic() + cfg.ready_timeout_s + 10
     while time.monotonic() < deadline:

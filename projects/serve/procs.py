@@ -21,6 +21,15 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks after boot, /proc/<pid>/stat field 22): with the PID it names one
+    process for good; a PID reused after a restart or a reboot has another start time."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

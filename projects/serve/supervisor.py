@@ -18,7 +18,7 @@ from pathlib import Path
 from common.env import REPO_ROOT
 from common.files import write_atomic
 from projects.serve.nginx import nginx_cmd, nginx_test, render_nginx
-from projects.serve.procs import cmdline, http_ok, port_free
+from projects.serve.procs import cmdline, http_ok, port_free, start_time
 
 
 
@@ -140,7 +140,7 @@ class Cluster:
         if pid is None:
             p.unlink(missing_ok=True)
         else:
-            write_atomic(p, f"{pid}\n")
+            write_atomic(p, f"{pid} {start_time(pid)}\n")  # the start time: cluster.started_pids' identity check
 
     # -- replicas -----------------------------------------------------------------------------------------
     def _free_port(self) -> int:

@@ -535,6 +535,7 @@ def test_dockerfile_and_k8s_manifests_match_the_app():
     graceful = int(_flag(df["cmd"], "--timeout-graceful-shutdown"))
     pre = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] > graceful + pre
+    assert pod["enableServiceLinks"] is False  # the kubelet's SERVE_* service links stay out of the pod
 
     # every SERVE_* variable is a Settings field, and the values parse (from_env raises on either)
     for env in ({e["name"]: e["value"] for e in c["env"]}, df["env"]):
@@ -577,3 +578,43 @@ def test_down_stops_the_orphans_of_a_killed_supervisor(tmp_path):
     finally:
         subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
                        capture_output=True, timeout=60)
+
+
+def test_pid_files_name_exactly_the_processes_we_started(tmp_path):
+    """After a restart a PID file may name someone else: only the same start time and the exact command-line
+    tokens count (`--port 8101` is not `--port 81010`; a redis-server or python we did not start is not ours)."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--port", "81010"])
+    try:
+        _wait(lambda: "81010" in procs.cmdline(other.pid), 10, "the bystander to start")
+        start = procs.start_time(other.pid)
+        assert start is not None
+        (tmp_path / "replica-8101.pid").write_text(f"{other.pid}\n")              # a substring, not the port
+        (tmp_path / "replica-81010.pid").write_text(f"{other.pid} {start + 1}\n")   # the PID, reused later
+        (tmp_path / "redis.pid").write_text(f"{other.pid} {start}\n")               # not a redis-server
+        (tmp_path / "supervisor.pid").write_text(f"{os.getpid()}\n")                # pytest, not the supervisor
+        assert cluster.started_pids(tmp_path) == {}
+        (tmp_path / "replica-81010.pid").write_text(f"{other.pid} {start}\n")
+        assert cluster.started_pids(tmp_path) == {"replica-81010": other.pid}
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_second_up_stops_before_touching_the_running_clusters_files(tmp_path):
+    """While a supervisor holds the run directory's lock, another `up` exits 1 and leaves its PID files alone
+    (it used to delete them as stale, and its shutdown then removed the winner's)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fd = cluster.lock(run_dir)
+    assert fd is not None
+    (run_dir / "supervisor.pid").write_text("999999999 1\n")     # a stale-looking file of the running cluster
+    try:
+        r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "up", "--run-dir", str(run_dir),
+                            "--port", str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "another `up`" in r.stderr, r.stderr
+        assert (run_dir / "supervisor.pid").exists()
+    finally:
+        os.close(fd)
+    fd2 = cluster.lock(run_dir)                                    # released with its holder
+    assert fd2 is not None
+    os.close(fd2)
