@@ -263,7 +263,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         # keyed by weights AND dtype: bf16 vectors (cosine ~0.998 to fp32) must not answer fp32 replicas
         # through a shared Redis
         st.cache = EmbeddingCache(f"{st.embedder.version}/{st.embedder.dtype_name}", max_entries=s.cache_entries, max_bytes=s.cache_bytes,
-                                  redis_url=s.redis_url or None)
+                                  redis_url=s.redis_url or None, dim=st.embedder.dim)
         def embed_batch(texts):
             try:
                 return st.embedder.encode_batch(texts)

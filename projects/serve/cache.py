@@ -62,8 +62,10 @@ class EmbeddingCache:
     """LRU in front of an optional Redis. `get_many` returns the vectors found (None for misses)."""
 
     def __init__(self, model_version: str, *, max_entries: int = 100_000, max_bytes: int = 256 << 20,
-                 redis_url: str | None = None, ttl_s: int = 7 * 24 * 3600, redis_timeout_s: float = 0.25):
+                 redis_url: str | None = None, ttl_s: int = 7 * 24 * 3600, redis_timeout_s: float = 0.25,
+                 dim: int | None = None):
         self.model_version = model_version
+        self.dim = dim  # a Redis value is used only if it is exactly dim finite float32s (when dim is known)
         self.lru = LRUCache(max_entries, max_bytes)
         self.ttl_s = ttl_s
         self.redis = None
@@ -92,8 +94,8 @@ class EmbeddingCache:
                 log.warning("redis get failed: %s", e)
                 raw = [None] * len(missing)
             for i, b in zip(missing, raw):
-                if b is not None:
-                    vec = np.frombuffer(b, dtype="<f4").astype(np.float32)
+                vec = self._decode(b)
+                if vec is not None:
                     out[i] = vec
                     self.lru.put((self.model_version, texts[i]), vec)
                     n["redis"] += 1
@@ -102,6 +104,20 @@ class EmbeddingCache:
         self.hits["redis"] += n["redis"]
         self.misses += n["miss"]
         return out, n
+
+    def _decode(self, b) -> np.ndarray | None:
+        """A Redis value as a vector, or None (a miss) for anything else: another writer's garbage, a truncated
+        or differently sized value, NaN/inf. Counted in redis_errors; never an exception for the request."""
+        if b is None:
+            return None
+        ok = isinstance(b, bytes) and len(b) % 4 == 0 and len(b) > 0 and (self.dim is None or len(b) == 4 * self.dim)
+        vec = np.frombuffer(b, dtype="<f4").astype(np.float32) if ok else None
+        if vec is None or not np.isfinite(vec).all():
+            self.redis_errors += 1
+            log.warning("redis value refused: %s bytes, not %s finite float32s", len(b) if isinstance(b, bytes)
+                        else type(b).__name__, self.dim if self.dim is not None else "a whole number of")
+            return None
+        return vec
 
     async def put_many(self, texts: list[str], vecs: list[np.ndarray]) -> None:
         for t, v in zip(texts, vecs):

@@ -92,6 +92,23 @@ def test_redis_shares_vectors_between_replicas(redis_url):
     assert m is None and nm["miss"] == 1
 
 
+def test_garbage_in_redis_is_a_miss_not_an_error(redis_url):
+    """Values another writer left under our keys (wrong length, not float32s, NaN) are misses, counted; a good
+    one beside them still answers."""
+    async def main():
+        c = EmbeddingCache("m@1", redis_url=redis_url, dim=4)
+        bad = {"short": b"\x00" * 12, "odd": b"\x01" * 17, "nan": np.full(4, np.nan, "<f4").tobytes(), "empty": b""}
+        for text, val in bad.items():
+            await c.redis.set(c.redis_key(text), val)
+        await c.redis.set(c.redis_key("good"), np.arange(4, dtype="<f4").tobytes())
+        out, n = await c.get_many([*bad, "good"])
+        await c.close()
+        return out, n, c.redis_errors
+    out, n, errors = asyncio.run(main())
+    assert out[:4] == [None] * 4 and n == {"lru": 0, "redis": 1, "miss": 4} and errors == 4
+    np.testing.assert_array_equal(out[4], np.arange(4, dtype=np.float32))
+
+
 def test_redis_down_is_a_miss_not_an_error():
     async def main():
         c = EmbeddingCache("m@1", redis_url=f"redis://127.0.0.1:{_free_port()}/0", redis_timeout_s=0.2)
