@@ -32,8 +32,8 @@ from projects.infer import kernels
 QK = 32
 TILE = 16         # output rows per tile of the kernels' layout
 # Up to this many activation rows the C++ kernel (its cost grows with the rows); beyond, the weight dequantized once
-# and the platform GEMM (AMX/oneDNN), whose per-row cost is far lower. The crossover lies between 32 and 128 rows
-# on an AMX CPU (higher without AMX): 32 keeps batched decode and short prompts on the kernel.
+# and the platform GEMM (AMX/oneDNN), whose per-row cost is far lower. Where the two cross depends on the GEMM the
+# CPU has (later without AMX); 32 keeps batched decode and short prompts on the kernel.
 KERNEL_MAX_M = 32
 
 
