@@ -23,6 +23,7 @@ GGUF, whose float weights are the DEQUANTIZED Q4_1 values, not the original bf16
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -334,11 +335,21 @@ def gguf_to_hf_folder(gguf: Path) -> Path:
         return out
     if not gguf.is_file():
         raise ValueError(f"{gguf} is missing: run `bash scripts/fetch_assets.sh` (or go online)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # replicas starting together: one converts, the others wait for its folder instead of racing to rename
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "model.safetensors").is_file():
+            return out
+        _convert_gguf(gguf, out)
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     print(f"dequantizing {gguf.name} (Q4_1 -> float32) into {out} ...", file=sys.stderr)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         # save_pretrained refuses GGUF-loaded models, so write the dequantized tensors and config directly
@@ -355,7 +366,6 @@ def gguf_to_hf_folder(gguf: Path) -> Path:
         os.replace(tmp, out)  # atomic: a half-written folder never has the final name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 # name -> (hub repo for online users or None, offline folder function). SmolLM2's offline folder holds

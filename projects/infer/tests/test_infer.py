@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -232,3 +233,37 @@ def test_bad_inputs_raise_one_clear_error(stories, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         gen_main(["--no-such-flag", "1"])
     assert e.value.code == 2
+
+
+def test_replicas_converting_the_gguf_together_convert_it_once(tmp_path, monkeypatch):
+    """Two processes starting at once (replicas) used to race to rename their folders onto the same name;
+    now one converts under a file lock and the other uses its folder."""
+    import threading
+    import time
+    from projects.infer import model as m
+    monkeypatch.setenv("MLSYS_CACHE", str(tmp_path))
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF")
+    calls = []
+
+    def fake_convert(g, out):                       # slow enough that both threads overlap
+        calls.append(g)
+        tmp = tmp_path / f"tmp{len(calls)}"
+        tmp.mkdir()
+        time.sleep(0.3)
+        (tmp / "model.safetensors").write_bytes(b"w")
+        os.replace(tmp, out)                        # fails if `out` already exists (a second conversion)
+    monkeypatch.setattr(m, "_convert_gguf", fake_convert)
+    outs, errors = [], []
+
+    def one():
+        try:
+            outs.append(m.gguf_to_hf_folder(gguf))
+        except OSError as e:
+            errors.append(e)
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(calls) == 1 and len(set(outs)) == 1 and len(outs) == 3
