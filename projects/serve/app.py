@@ -4,9 +4,10 @@
     make serve                  # replicas behind nginx (docs/serve.md)
     python -m projects.serve.app  # checks the settings and index first (one-line error), then uvicorn
 
-Routes: POST /v1/embeddings (OpenAI-compatible), POST /v1/search (text or vector -> top-k passages),
-POST /v1/completions (OpenAI-compatible, `stream: true` -> server-sent events token by token),
-GET /healthz (alive), /readyz (models + index loaded and warmed up), /metrics (Prometheus).
+Routes: POST /v1/embeddings, /v1/completions, /v1/chat/completions and GET /v1/models (OpenAI-compatible;
+the generation routes live in completions.py), POST /v1/search (text or vector -> top-k passages),
+GET /healthz (alive), /readyz (models + index loaded and warmed up), /metrics (Prometheus). With API keys
+configured (auth.py), /v1/* needs `Authorization: Bearer <key>`.
 Every response carries x-queue-time, x-inference-time and x-total-time (milliseconds).
 
 Settings: settings.py (SERVE_<FIELD>); errors, metrics and middleware: middleware.py; request bodies:
@@ -24,22 +25,24 @@ import os
 import signal
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from projects.serve.batcher import Batcher, DeadlineExceeded, Overloaded, Timing
 from projects.serve.cache import EmbeddingCache
-from projects.serve.middleware import (BadInput, Metrics, ServeMiddleware, TooLarge, Unavailable, VectorJSON,
-                                       error_response, unless_disconnected)
+from projects.serve.engine import ContextLengthExceeded
+from projects.serve import completions
+from projects.serve.auth import KeyStore, RateLimiter
+from projects.serve.middleware import (BadInput, Metrics, ModelNotFound, ServeMiddleware, TooLarge, Unavailable,
+                                       VectorJSON, error_response, ready_state, unless_disconnected)
 from projects.serve.model import MAX_SEQ_LEN, Embedder, EmbedderProcess, WorkerDied, env_offline
-from projects.serve.schemas import CompletionRequest, EmbeddingsRequest, SearchRequest, check_text
+from projects.serve.schemas import EmbeddingsRequest, SearchRequest, check_text
 from projects.serve.settings import Settings
 
 log = logging.getLogger("serve")
@@ -57,8 +60,10 @@ class State:
     cache: EmbeddingCache | None = None
     embed_batcher: Batcher | None = None
     search_batcher: Batcher | None = None
+    limiter: RateLimiter | None = None
     ready: bool = False
     not_ready_reason: str = "starting"
+    started: int = 0                      # unix time the app was created (/v1/models' `created`)
 
 
 def load_components(s: Settings):
@@ -100,7 +105,9 @@ def make_engine(s: Settings):
     if s.gen_quant:
         model = schemes[s.gen_quant](model).to(dtype)
     use_gemv(model)  # the decode steps' float linears on the GEMV kernel (bf16 on AVX-512 CPUs; else unchanged)
-    return GenerationEngine(model, tok, n_slots=s.gen_slots, max_queue=s.gen_max_queue)
+    version = f"{s.gen_model}/{s.gen_quant or 'float'}/{s.gen_dtype}"   # what the prefix cache's K/V depend on
+    return GenerationEngine(model, tok, n_slots=s.gen_slots, max_queue=s.gen_max_queue, max_seq_len=s.gen_ctx,
+                            prefix_cache_bytes=s.gen_prefix_cache_mb << 20, version=version, model_id=s.gen_model)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,10 +136,39 @@ async def metrics(request: Request):
     return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+@router.get("/v1/models")
+async def models(request: Request):
+    st = ready_state(request)
+    return {"object": "list", "data": _models(st)}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request):
+    st = ready_state(request)
+    for m in _models(st):
+        if m["id"] == model_id:
+            return m
+    raise ModelNotFound(f"model {model_id!r} is not served here")
+
+
+def _models(st: State) -> list[dict]:
+    out = [{"id": st.embedder.name, "object": "model", "created": st.started, "owned_by": "mlsys",
+            "kind": "embedding", "dimensions": st.embedder.dim}]
+    if st.engine is not None:
+        out.append({"id": st.engine.model_id, "object": "model", "created": st.started, "owned_by": "mlsys",
+                    "kind": "generation", "context_length": st.engine.ctx, "version": st.engine.version})
+    return out
+
+
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingsRequest, request: Request):
-    st = _ready(request)
+    st = ready_state(request)
     s = st.settings
+    if body.model is not None and body.model != st.embedder.name:
+        raise ModelNotFound(f"model {body.model!r} is not served here; GET /v1/models lists {st.embedder.name!r}")
+    if body.dimensions is not None and body.dimensions != st.embedder.dim:
+        raise BadInput(f"dimensions={body.dimensions}: this model's embeddings have {st.embedder.dim} "
+                       "(it is not trained for truncation)")
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise BadInput("input must hold at least one text")
@@ -154,7 +190,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request):
 
 @router.post("/v1/search")
 async def search(body: SearchRequest, request: Request):
-    st = _ready(request)
+    st = ready_state(request)
     s = st.settings
     if st.index is None:
         raise Unavailable("no index loaded (set SERVE_INDEX_DIR)")
@@ -185,60 +221,6 @@ async def search(body: SearchRequest, request: Request):
                          "index": {"type": st.index.manifest.get("index_type"), "count": st.index.ntotal}})
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request):
-    st = _ready(request)
-    s = st.settings
-    if st.engine is None:
-        raise Unavailable("generation is not configured (set SERVE_GEN_MODEL)")
-    check_text(body.prompt, "prompt", s.max_chars)
-    if body.max_tokens > s.max_tokens:
-        raise TooLarge(f"max_tokens={body.max_tokens}; the limit is {s.max_tokens}")
-    from projects.serve.engine import GenRequest
-    tok = st.engine.tokenizer
-    ids = tok(body.prompt)["input_ids"]
-    if not ids:
-        raise BadInput("prompt encodes to no tokens")
-    if len(ids) + body.max_tokens > st.engine.ctx:
-        raise TooLarge(f"prompt of {len(ids)} tokens + max_tokens {body.max_tokens} exceeds the "
-                       f"model's context of {st.engine.ctx}")
-    req = GenRequest(ids, body.max_tokens, body.temperature, body.top_k,
-                     body.top_p if body.top_p < 1.0 else None, body.seed)
-    st.engine.submit(req, timeout_s=s.request_timeout_s)
-    cid, created, name = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), s.gen_model
-    timing = request.scope["state"]["timing"]
-
-    def chunk(text: str, finish: str | None, usage: dict | None = None) -> dict:
-        d = {"id": cid, "object": "text_completion", "created": created, "model": name,
-             "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-        if usage is not None:
-            d["usage"] = usage
-        return d
-
-    if body.stream:
-        try:
-            first = await _next_token(req, request)  # errors before the first token still get a status
-        except BaseException:
-            req.cancelled = True
-            raise
-        # headers go out now: queue = waiting for a KV slot, inference = admission to the first token
-        now = asyncio.get_running_loop().time()
-        timing.queue_s, timing.inference_s = max(0.0, req.t_start - req.t_enqueue), now - req.t_start
-        return StreamingResponse(_sse(st, req, first, chunk, tok, len(ids)), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    out: list[int] = []
-    try:
-        while (t := await _next_token(req, request)) is not None:
-            out.append(t)
-    finally:
-        req.cancelled = True  # no-op when finished; frees the slot when we were cancelled
-    st.metrics.tokens.inc(len(out))
-    timing.queue_s = max(0.0, req.t_start - req.t_enqueue)
-    timing.inference_s = asyncio.get_running_loop().time() - req.t_start   # prefill + every decode step
-    usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
-    return chunk(tok.decode(out, skip_special_tokens=True), req.finish_reason, usage)
-
-
 def create_app(settings: Settings | None = None, *, embedder: Embedder | None = None, index=None,
                engine=None) -> FastAPI:
     """The app. Components passed in are used as they are (tests share one loaded model); the others are
@@ -250,7 +232,10 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
     s = settings
-    st = State(s, Metrics(), embedder, index, engine)
+    st = State(s, Metrics(), embedder, index, engine, started=int(time.time()))
+    keys = KeyStore(s.api_keys, s.api_keys_file) if (s.api_keys or s.api_keys_file) else None
+    st.limiter = RateLimiter(s.rate_limit_rpm, s.rate_limit_tpm) if keys is not None else None
+    log.info("auth: %s", f"on ({len(keys)} API keys)" if keys is not None else "off (no API keys configured)")
     preloaded = embedder is not None
 
     @contextlib.asynccontextmanager
@@ -285,6 +270,9 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         if st.engine is not None:
             st.engine.on_step = st.metrics.on_batch
             st.engine.start()
+            e = st.engine
+            log.info("generation: %s, %d slots x %d positions; KV cache + prefix cache %.0f MiB", e.model_id,
+                     e.n_slots, e.ctx, e.kv_bytes / 2 ** 20)
         for name, obj in (("embed", st.embed_batcher), ("search", st.search_batcher), ("generate", st.engine)):
             if obj is not None:
                 st.metrics.queue_depth.labels(name).set_function(lambda o=obj: o.depth)
@@ -313,46 +301,13 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.state.serve = st
 
     for exc_type in (RequestValidationError, BadInput, TooLarge, Overloaded, DeadlineExceeded, Unavailable,
-                     StarletteHTTPException, Exception):
+                     ModelNotFound, ContextLengthExceeded, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, lambda request, exc: _count_reject(st, exc) or error_response(exc, s))
 
     app.include_router(router)
-    app.add_middleware(ServeMiddleware, settings=s, metrics=st.metrics)
+    app.include_router(completions.router)
+    app.add_middleware(ServeMiddleware, settings=s, metrics=st.metrics, keys=keys, limiter=st.limiter)
     return app
-
-
-async def _next_token(req, request: Request | None):
-    item = await (unless_disconnected(request, req.out.get()) if request is not None else req.out.get())
-    if isinstance(item, BaseException):
-        raise item
-    return item
-
-
-async def _sse(st: State, req, first, chunk, tok, n_prompt: int):
-    """Server-sent events, one per new piece of text. Text is decoded from all tokens so far and the new
-    suffix sent, so multi-token characters and SentencePiece spaces come out exactly as a full decode."""
-    import json
-    out: list[int] = []
-    sent = ""
-    t = first
-    try:
-        while t is not None:
-            out.append(t)
-            text = tok.decode(out, skip_special_tokens=True)
-            if text.startswith(sent) and not text.endswith("\ufffd"):
-                piece, sent = text[len(sent):], text
-                if piece:
-                    yield f"data: {json.dumps(chunk(piece, None))}\n\n"
-            t = await _next_token(req, None)
-        text = tok.decode(out, skip_special_tokens=True)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": len(out), "total_tokens": n_prompt + len(out)}
-        yield f"data: {json.dumps(chunk(text[len(sent):] if text.startswith(sent) else '', req.finish_reason, usage))}\n\n"
-        yield "data: [DONE]\n\n"
-    except (Overloaded, DeadlineExceeded) as e:
-        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'overloaded'}})}\n\n"
-    finally:
-        req.cancelled = True  # the client went away (generator closed) or we finished: free the slot
-        st.metrics.tokens.inc(len(out))
 
 
 async def _embed(st: State, texts: list[str], timing: Timing) -> tuple[list[np.ndarray], int]:
@@ -403,16 +358,8 @@ async def _warmup(st: State) -> None:
     if st.engine is not None:
         from projects.serve.engine import GenRequest
         req = st.engine.submit(GenRequest(st.engine.tokenizer("Once upon a time")["input_ids"], 4))
-        while await _next_token(req, None) is not None:
+        while await completions.next_token(req, None) is not None:
             pass
-
-
-def _ready(request: Request) -> State:
-    """The app's State, once it is ready to serve (503 before)."""
-    st: State = request.app.state.serve
-    if not st.ready:
-        raise Unavailable(f"not ready: {st.not_ready_reason}")
-    return st
 
 
 def _count_reject(st: State, exc: Exception) -> None:

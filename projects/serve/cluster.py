@@ -94,6 +94,12 @@ def lock(run_dir: Path) -> int | None:
 
 
 def up(cfg: ClusterConfig) -> int:
+    from projects.serve.settings import Settings
+    s = Settings.from_env()
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (s.api_keys or s.api_keys_file or cfg.open):
+        print(f"error: --host {cfg.host} without API keys would serve anyone who reaches it: set "
+              "SERVE_API_KEYS_FILE (python -m projects.serve.auth makes keys) or pass --open", file=sys.stderr)
+        return 2
     run_dir = cfg.resolved_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = lock(run_dir)
@@ -130,6 +136,7 @@ def up(cfg: ClusterConfig) -> int:
                 and _front_answers(cfg):
             print(f"serving on {state['url']} with {state['ready']} replicas (supervisor pid {proc.pid}); "
                   f"logs in {run_dir}; stop with `python -m projects.serve.cluster down`")
+            print(_auth_line())
             return 0
         time.sleep(0.25)
     print(f"error: not ready after {cfg.ready_timeout_s:.0f}s; see {run_dir}; stopping", file=sys.stderr)
@@ -147,6 +154,15 @@ def _front_answers(cfg: ClusterConfig, times: int = 3) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def _auth_line() -> str:
+    """Whether /v1/* needs API keys, as the replicas read it from this environment (projects.serve.auth)."""
+    from projects.serve.settings import Settings
+    s = Settings.from_env()
+    if s.api_keys or s.api_keys_file:
+        return f"auth: on: /v1/* needs `Authorization: Bearer <key>` ({s.api_keys_file or 'SERVE_API_KEYS'})"
+    return "auth: off: no API keys configured (set SERVE_API_KEYS_FILE before exposing this port)"
 
 
 def down(cfg: ClusterConfig, timeout_s: float | None = None) -> int:

@@ -8,6 +8,9 @@ prefilled into it before the following step -- requests join and leave the runni
 instead of waiting for the whole batch to end (request-level batching). Admission is FIFO; every active
 row advances one token per step, so long generations cannot starve short ones of decode steps.
 
+A request's prompt is prefilled only past the longest prefix the prefix cache holds (prefix_cache.py): a
+shared system prompt is computed once, then copied into each new row.
+
 The waiting line is bounded (full -> `Overloaded`, 503/429 + Retry-After); a request whose client left or
 whose deadline passed while it waited is dropped before its prefill. The model runs in one worker thread
 (off the event loop); tokens reach the caller through an asyncio queue as they are produced.
@@ -23,6 +26,11 @@ from dataclasses import dataclass, field
 import torch
 
 from projects.serve.batcher import DeadlineExceeded, Overloaded, cancel
+from projects.serve.prefix_cache import PrefixCache
+
+
+class ContextLengthExceeded(ValueError):
+    """Prompt + max_tokens longer than the KV cache rows (OpenAI's context_length_exceeded)."""
 
 
 @dataclass(eq=False)
@@ -33,7 +41,8 @@ class GenRequest:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # token ids, then None (done) or an exception
+    logprobs: int | None = None     # None: no log-probabilities; k >= 0: the chosen token's and the top k
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # Token, then None (done) or an exception
     cancelled: bool = False
     t_enqueue: float = 0.0
     deadline: float | None = None
@@ -45,6 +54,15 @@ class GenRequest:
     last: int = 0
     generator: torch.Generator | None = None
     finish_reason: str | None = None
+
+
+@dataclass
+class Token:
+    id: int
+    logprob: float | None = None                  # log p(id) under the model's distribution (temperature 1)
+    top: list[tuple[int, float]] | None = None    # the k most likely (id, log p), most likely first
+    text: str = ""                                # set by textstream.TextStream when logprobs are asked
+    top_text: list[str] | None = None
 
 
 @contextlib.contextmanager
@@ -65,7 +83,8 @@ def _row_view(model, row: int):
 
 class GenerationEngine:
     def __init__(self, model, tokenizer, *, n_slots: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
-                 stop_ids: tuple[int, ...] | None = None, name: str = "generate", on_step=None):
+                 stop_ids: tuple[int, ...] | None = None, name: str = "generate", on_step=None,
+                 prefix_cache_bytes: int = 0, version: str = "", model_id: str = "generator"):
         from projects.infer.generate import sample
         self._sample = sample
         self.model = model
@@ -76,9 +95,15 @@ class GenerationEngine:
         self.stop_ids = tuple(stop_ids) if stop_ids is not None else \
             ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
         self.name = name
+        self.model_id = model_id          # what /v1/models lists and `model` must match
+        self.version = version            # the weights' identity: model, quantization, dtype
         self.on_step = on_step            # (name, active rows, seconds) per decode step, for metrics
         self.device = next(model.parameters()).device
         model.setup_caches(n_slots, self.ctx)
+        self.prefix = PrefixCache(model, prefix_cache_bytes, version=version) if prefix_cache_bytes else None
+        if self.prefix is not None and self.prefix.n_blocks == 0:
+            raise ValueError(f"a prefix cache of {prefix_cache_bytes} bytes holds no block of "
+                             f"{self.prefix.block_bytes} bytes")
         self._waiting: collections.deque[GenRequest] = collections.deque()
         self._active: dict[int, GenRequest] = {}
         self._wake: asyncio.Event | None = None
@@ -88,6 +113,13 @@ class GenerationEngine:
         self.dropped = 0
         self.rejected = 0
         self._step_s = 0.0
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the KV cache rows and the prefix cache, allocated at start."""
+        c = self.model.layers[0].attention.kv_cache
+        rows = len(self.model.layers) * 2 * c.k_cache.numel() * c.k_cache.element_size()
+        return rows + (self.prefix.nbytes if self.prefix is not None else 0)
 
     @property
     def depth(self) -> int:
@@ -128,8 +160,9 @@ class GenerationEngine:
         if not req.prompt_ids:
             raise ValueError("empty prompt")
         if len(req.prompt_ids) + req.max_tokens > self.ctx:
-            raise ValueError(f"prompt of {len(req.prompt_ids)} tokens + max_tokens {req.max_tokens} exceeds "
-                             f"the model's context of {self.ctx}")
+            raise ContextLengthExceeded(
+                f"this model's context is {self.ctx} tokens; the prompt has {len(req.prompt_ids)} and "
+                f"max_tokens asks for {req.max_tokens} more")
         loop = asyncio.get_running_loop()
         req.t_enqueue = loop.time()
         req.deadline = req.t_enqueue + timeout_s if timeout_s is not None else None
@@ -143,10 +176,27 @@ class GenerationEngine:
     def _pick(self, logits: torch.Tensor, r: GenRequest) -> torch.Tensor:
         return self._sample(logits, r.temperature, r.top_k, r.top_p, r.generator)  # (1,)
 
+    def _prefill(self, r: GenRequest) -> torch.Tensor:
+        """Logits (1, V) of the prompt's last token, computed into KV cache row r.row; the part of the prompt
+        the prefix cache holds is copied in, not computed."""
+        chain = self.prefix.match(r.prompt_ids) if self.prefix is not None else []
+        try:
+            n = self.prefix.load(chain, r.row) if chain else 0
+            ids = torch.tensor([r.prompt_ids[n:]], dtype=torch.long, device=self.device)       # (1, T - n)
+            with _row_view(self.model, r.row):
+                logits = self.model(ids, torch.arange(n, len(r.prompt_ids), device=self.device))[:, -1]
+            if self.prefix is not None:
+                self.prefix.store(r.prompt_ids, r.row, chain)
+        finally:
+            if self.prefix is not None:
+                self.prefix.release(chain)
+        return logits
+
     @torch.inference_mode()
-    def _compute(self, new: list[GenRequest], running: list[GenRequest]) -> dict[int, int]:
+    def _compute(self, new: list[GenRequest], running: list[GenRequest]) -> dict[int, Token]:
         """Decode one token for every running row, then prefill the newly admitted rows (first token)."""
         nxt: dict[int, torch.Tensor] = {}
+        lp: dict[int, torch.Tensor] = {}
         if running:
             B = max(r.row for r in running) + 1            # rows [:B] of the cache; idle rows are dummies
             tok = torch.zeros(B, 1, dtype=torch.long, device=self.device)
@@ -156,18 +206,34 @@ class GenerationEngine:
             logits = self.model(tok, pos)[:, -1]           # (B, V); causal mask per row from pos
             greedy = logits.argmax(-1)
             for r in running:
-                nxt[r.row] = greedy[r.row:r.row + 1] if r.temperature <= 0 else \
-                    self._pick(logits[r.row:r.row + 1], r)
+                row = logits[r.row:r.row + 1]
+                nxt[r.row] = greedy[r.row:r.row + 1] if r.temperature <= 0 else self._pick(row, r)
+                if r.logprobs is not None:
+                    lp[r.row] = self._logprobs(row, nxt[r.row], r.logprobs)
         for r in new:
-            ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device)     # (1, T)
-            with _row_view(self.model, r.row):
-                logits = self.model(ids, torch.arange(ids.shape[1], device=self.device))[:, -1]  # (1, V)
+            logits = self._prefill(r)                       # (1, V)
             nxt[r.row] = self._pick(logits, r)
+            if r.logprobs is not None:
+                lp[r.row] = self._logprobs(logits, nxt[r.row], r.logprobs)
         if not nxt:
             return {}
         rows = list(nxt)
         vals = torch.cat([nxt[k] for k in rows]).tolist()  # the one host sync per step (tokens go out)
-        return dict(zip(rows, vals))
+        out = {k: Token(v) for k, v in zip(rows, vals)}
+        if lp:                                              # a second sync, only when a row asked
+            flat = torch.cat(list(lp.values())).tolist()
+            for k, x in lp.items():
+                v, flat = flat[:len(x)], flat[len(x):]
+                n = (len(v) - 1) // 2
+                out[k].logprob, out[k].top = v[0], [(int(i), p) for i, p in zip(v[1 + n:], v[1:1 + n])]
+        return out
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+        """(1 + 2k,) float: log p(chosen), the top-k log p, their ids (exact as floats below 2**24)."""
+        lsm = logits[0].float().log_softmax(-1)                                     # (V,)
+        top = lsm.topk(k) if k else (lsm[:0], chosen[:0])
+        return torch.cat([lsm[chosen], top[0], top[1].float()])
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -220,9 +286,9 @@ class GenerationEngine:
                 r = self._active.get(row)
                 if r is None:
                     continue
-                r.last = t
+                r.last = t.id
                 r.n_new += 1
-                stop = t in self.stop_ids
+                stop = t.id in self.stop_ids
                 if not stop:
                     r.out.put_nowait(t)
                 if stop or r.n_new >= r.max_tokens or r.cancelled:

@@ -2,9 +2,11 @@
 Prometheus metrics, the ASGI middleware (timing headers, metrics, the body-size limit), and the watch
 for a client that disconnects while its request waits.
 
-Errors map to statuses in `error_response` alone: 422 malformed or invalid input, 413 over a size limit,
-503 (or 429, Settings.overload_status) + Retry-After when a queue is full or a request waited past its
-deadline, 503 when not ready; a 500 means a bug, never bad input.
+Errors map to statuses in `error_response` alone: 422 malformed or invalid input, 400 a prompt longer than
+the context (OpenAI's context_length_exceeded), 404 an unknown model, 413 over a size limit, 503 (or 429,
+Settings.overload_status) + Retry-After when a queue is full or a request waited past its deadline, 503 when
+not ready; 401 (no valid API key) and 429 (a key over its rate limit) come from the middleware before the
+body is read. A 500 means a bug, never bad input.
 """
 from __future__ import annotations
 
@@ -41,6 +43,18 @@ class Unavailable(Exception):
     """Not ready, or the feature is not configured: 503."""
 
 
+class ModelNotFound(Exception):
+    """A `model` this replica does not serve: 404 (code model_not_found)."""
+
+
+def ready_state(request: Request):
+    """The app's State (app.State), once it is ready to serve (503 before)."""
+    st = request.app.state.serve
+    if not st.ready:
+        raise Unavailable(f"not ready: {st.not_ready_reason}")
+    return st
+
+
 class VectorJSON(JSONResponse):
     """JSON by orjson, numpy arrays written directly: each float32 in its shortest exact form. The stdlib
     encoder (after .tolist()) was the largest item of a replica's event loop at capacity (py-spy), and wrote
@@ -50,16 +64,25 @@ class VectorJSON(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _err(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+def _err(status: int, message: str, kind: str, headers: dict | None = None, code: str | int | None = None,
+         param: str | None = None) -> JSONResponse:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": status if code is None else code}}, status, headers=headers)
 
 
 def error_response(exc: Exception, settings: Settings) -> JSONResponse:
+    from projects.serve.engine import ContextLengthExceeded
+    if isinstance(exc, ContextLengthExceeded):
+        return _err(400, str(exc), "invalid_request_error", code="context_length_exceeded", param="messages")
+    if isinstance(exc, ModelNotFound):
+        return _err(404, str(exc), "invalid_request_error", code="model_not_found", param="model")
     if isinstance(exc, RequestValidationError):
         parts = []
         for e in exc.errors()[:5]:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-            parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+            msg = "unsupported parameter" if e.get("type") == "extra_forbidden" else e.get("msg", "invalid")
+            parts.append(f"{loc}: {msg}")
         return _err(422, "; ".join(parts) or "invalid request", "invalid_request_error")
     if isinstance(exc, BadInput):
         return _err(422, str(exc), "invalid_request_error")
@@ -78,7 +101,8 @@ def error_response(exc: Exception, settings: Settings) -> JSONResponse:
 
 # --------------------------------------------------------------------------------------------------------
 # metrics (one registry per app, so tests can build many apps)
-ROUTES = ("/v1/embeddings", "/v1/search", "/v1/completions", "/healthz", "/readyz", "/metrics")
+ROUTES = ("/v1/embeddings", "/v1/search", "/v1/completions", "/v1/chat/completions", "/v1/models", "/healthz",
+          "/readyz", "/metrics")
 LAT_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 
 
@@ -109,9 +133,10 @@ class Metrics:
 # --------------------------------------------------------------------------------------------------------
 # middleware: timing headers, metrics, body size limit (plain ASGI, so streaming is not buffered)
 class ServeMiddleware:
-    def __init__(self, app, settings: Settings, metrics: Metrics):
+    def __init__(self, app, settings: Settings, metrics: Metrics, keys=None, limiter=None):
         self.app = app
         self.settings, self.metrics = settings, metrics
+        self.keys, self.limiter = keys, limiter     # auth.KeyStore / auth.RateLimiter, or None (open)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -121,6 +146,13 @@ class ServeMiddleware:
         scope.setdefault("state", {})["timing"] = timing
         route = scope["path"] if scope["path"] in ROUTES else "other"
         status = [500]
+        if self.keys is not None and scope["path"].startswith("/v1/"):
+            resp = self._authorize(scope)
+            if resp is not None:
+                status[0] = resp.status_code
+                await self._send_timed(resp, scope, receive, send, t0, timing)
+                self._observe(route, resp.status_code, t0)
+                return
         limit = self.settings.max_body_bytes
         clen = dict(scope.get("headers") or []).get(b"content-length")
         if clen is not None and clen.isdigit() and int(clen) > limit:
@@ -151,6 +183,24 @@ class ServeMiddleware:
             await self.app(scope, receive_limited, send_timed)
         finally:
             self._observe(route, status[0], t0)
+
+    def _authorize(self, scope) -> JSONResponse | None:
+        """None when the request carries a valid key within its rate limit, else the 401/429 to send."""
+        from projects.serve.auth import retry_after
+        auth = dict(scope.get("headers") or []).get(b"authorization")
+        name = self.keys.check(auth)
+        if name is None:
+            self.metrics.rejected.labels("unauthorized").inc()
+            why = "no API key given" if not auth else "invalid API key"
+            return _err(401, f"{why}: send `Authorization: Bearer <key>`", "invalid_request_error",
+                        {"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
+        scope["state"]["api_key"] = name
+        wait = self.limiter.admit(name) if self.limiter is not None else 0.0
+        if wait > 0:
+            self.metrics.rejected.labels("rate_limit").inc()
+            return _err(429, f"rate limit of API key {name} reached; retry in {retry_after(wait)} s",
+                        "rate_limit_error", {"Retry-After": retry_after(wait)}, code="rate_limit_exceeded")
+        return None
 
     async def _send_timed(self, resp, scope, receive, send, t0, timing):
         async def send_timed(msg):

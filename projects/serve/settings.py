@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from common import config
@@ -47,15 +47,22 @@ class Settings:
     """serve the exact IndexFlatIP instead of the HNSW graph (same vectors)"""
     ef_search: int = 0
     """HNSW efSearch (0 = the manifest's)"""
-    gen_model: str = "stories260k"
-    """generator for /v1/completions (projects.infer names, a HF folder); empty = disabled"""
+    gen_model: str = "smollm2-135m"
+    """generator for /v1/completions and /v1/chat/completions (projects.infer names: smollm2-135m, stories260k;
+    a HF folder); empty = disabled"""
     gen_dtype: Literal["fp32", "bf16"] = "fp32"
     """generator weights dtype: fp32 or bf16"""
-    gen_quant: Literal["", "int8", "int4", "q4_1", "q8_0"] = ""
+    gen_quant: Literal["", "int8", "int4", "q4_1", "q8_0"] = "q4_1"
     """quantize the generator's linears: "", int8 (weight-only), int4 (g128), or llama.cpp's q4_1 / q8_0 blocks
-    (projects.infer.blockquant: the C++ decode kernels, the inference bench's fast path)"""
+    (projects.infer.blockquant: the C++ decode kernels). q4_1 by default: the quant record's fastest path whose
+    perplexity cost is within 1% (its fast_path_ppl_delta goal)"""
     gen_slots: int = 8
-    """KV cache rows = requests decoded together (continuous batching)"""
+    """KV cache rows = requests decoded together (continuous batching; 1 = one request at a time)"""
+    gen_ctx: int = 2048
+    """KV cache positions per row = the longest prompt + completion served (context_length_exceeded beyond);
+    the cache is gen_slots x gen_ctx positions of K and V in every layer, allocated at start"""
+    gen_prefix_cache_mb: int = 64
+    """memory for the prefix KV cache (K/V of shared prompt prefixes, reused instead of prefilled; 0 = off)"""
     max_batch_size: int = 32
     """most texts per embedding batch"""
     max_batch_tokens: int = 8192
@@ -89,6 +96,15 @@ class Settings:
     """most search results (413 beyond)"""
     max_body_bytes: int = 4 << 20
     """largest request body (413 beyond)"""
+    api_keys_file: str = ""
+    """file of accepted API keys as `sha256:<hex> [name]` lines (python -m projects.serve.auth makes one),
+    re-read when it changes; with this or api_keys set, /v1/* routes need `Authorization: Bearer <key>`"""
+    api_keys: str = field(default="", repr=False)
+    """comma-separated API keys (e.g. from a Kubernetes Secret), hashed at start; never logged"""
+    rate_limit_rpm: int = 0
+    """requests per minute per API key and replica (429 + Retry-After beyond; 0 = no limit)"""
+    rate_limit_tpm: int = 0
+    """prompt + completion tokens per minute per API key and replica (0 = no limit)"""
     warmup: bool = True
     """run every model at full batch once before reporting ready"""
 
@@ -96,6 +112,8 @@ class Settings:
         config.check_choices(self)
         if self.max_texts == 0:
             self.max_texts = min(256, self.max_queue)
+        if (self.rate_limit_rpm or self.rate_limit_tpm) and not (self.api_keys or self.api_keys_file):
+            raise ValueError("rate limits are per API key: set api_keys or api_keys_file")
         if self.max_texts > self.max_queue:
             raise ValueError("max_texts must be <= max_queue (a request is admitted whole)")
 

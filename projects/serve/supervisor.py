@@ -27,7 +27,9 @@ class ClusterConfig:
     app: str = "projects.serve.app:create_app"
     """the ASGI app factory each replica runs (module:function, `uvicorn --factory`)"""
     host: str = "127.0.0.1"
-    """address nginx listens on"""
+    """address nginx listens on; any other than loopback needs API keys (SERVE_API_KEYS_FILE) or --open"""
+    open: bool = False
+    """serve /v1/* without API keys on a non-loopback --host (a trusted network)"""
     port: int = 8000
     """port nginx listens on: the service's address"""
     replica_port: int = 8101
