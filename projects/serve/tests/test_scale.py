@@ -538,12 +538,16 @@ def test_dockerfile_and_k8s_manifests_match_the_app():
     assert pod["enableServiceLinks"] is False  # the kubelet's SERVE_* service links stay out of the pod
 
     # every SERVE_* variable is a Settings field, and the values parse (from_env raises on either)
-    for env in ({e["name"]: e["value"] for e in c["env"]}, df["env"]):
+    # (variables from a Secret have valueFrom instead of a value: their names are checked, their values
+    # are the operator's)
+    assert {e["name"] for e in c["env"] if "value" not in e} <= settings_env
+    k8s_env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    for env in (k8s_env, df["env"]):
         serve = {k: v for k, v in env.items() if k.startswith("SERVE_")}
         assert set(serve) <= settings_env, set(serve) - settings_env
         s = Settings.from_env(serve)
         assert str(s.threads) == env["OMP_NUM_THREADS"]          # thread pools sized alike
-    assert c["resources"]["limits"]["cpu"] == {e["name"]: e["value"] for e in c["env"]}["SERVE_THREADS"]
+    assert c["resources"]["limits"]["cpu"] == k8s_env["SERVE_THREADS"]
 
     # the HPA scales this Deployment on the gauge the app exports, with the local autoscaler's target
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
