@@ -62,7 +62,7 @@ def test_nginx_template_renders_with_the_routing_rules(tmp_path):
     idem = blocks["~ ^/v1/(embeddings|search)$"]
     assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in idem
     assert "proxy_next_upstream_tries 3;" in idem
-    comp = blocks["= /v1/completions"]
+    comp = blocks["~ ^/v1/(chat/)?completions$"]                # chat streams too: unbuffered, no retry
     assert "proxy_buffering off;" in comp and "non_idempotent" not in comp
     # non_idempotent nowhere but the idempotent routes
     assert sum("non_idempotent;" in b for b in blocks.values()) == 1
@@ -84,6 +84,40 @@ def test_nginx_accepts_the_rendered_config(tmp_path):
     (tmp_path / "nginx.conf").write_text("http { bogus_directive on; }")
     with pytest.raises(RuntimeError, match="nginx -t rejected"):
         nginx.nginx_test(cfg, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
+def test_nginx_own_errors_answer_in_the_apps_json_shape(tmp_path):
+    """No replica reachable (502), a body over nginx's limit (413): JSON like the app's errors, not HTML."""
+    import httpx
+    cfg = supervisor.ClusterConfig(port=free_port())
+    (tmp_path / "nginx-tmp").mkdir()
+    dead = free_range(2)
+    (tmp_path / "nginx.conf").write_text(nginx.render_nginx(cfg, tmp_path, [(dead, True), (dead + 1, True)]))
+    proc = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{cfg.port}"
+        for _ in range(100):
+            try:
+                httpx.get(url + "/nginx_status", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        got = {"down": httpx.post(url + "/v1/embeddings", json={"input": "x"}, timeout=10),
+               "chat": httpx.post(url + "/v1/chat/completions", json={"messages": []}, timeout=10),
+               "health": httpx.get(url + "/readyz", timeout=10),
+               "big": httpx.post(url + "/v1/embeddings", content=b"x" * (9 << 20),
+                                 headers={"content-type": "application/json"}, timeout=10)}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    for k in ("down", "chat", "health"):
+        r = got[k]
+        assert r.status_code in (502, 503) and r.json()["error"]["type"] == "unavailable", (k, r.text[:200])
+        assert r.headers["content-type"].startswith("application/json") and "retry-after" in r.headers
+    assert got["big"].status_code == 413 and got["big"].json()["error"]["type"] == "request_too_large"
 
 
 # --------------------------------------------------------------------------------------------------------
