@@ -570,6 +570,30 @@ def test_dockerfile_and_k8s_manifests_match_the_app():
     pre = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] > graceful + pre
     assert pod["enableServiceLinks"] is False  # the kubelet's SERVE_* service links stay out of the pod
+    # least privilege: not root (the image's own uid), no escalation, no capabilities, a read-only root
+    # filesystem with a writable /tmp, no service-account token, the default seccomp profile
+    psc, csc = pod["securityContext"], c["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0 and psc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert f"--uid {psc['runAsUser']}" in (REPO / "deploy" / "Dockerfile").read_text()
+    assert csc["allowPrivilegeEscalation"] is False and csc["readOnlyRootFilesystem"] is True
+    assert csc["capabilities"]["drop"] == ["ALL"] and pod["automountServiceAccountToken"] is False
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert any(m["mountPath"] == "/tmp" and "emptyDir" in vols[m["name"]] for m in c["volumeMounts"])
+    # a pinned image: a version tag or digest, never :latest or none
+    image = c["image"]
+    assert ("@sha256:" in image or ":" in image) and not image.endswith(":latest")
+    for k in ("cpu", "memory"):
+        assert c["resources"]["requests"][k] and c["resources"]["limits"][k]
+    # the image never reaches the hub at start (models baked from pinned PyPI packages) and installs a lock
+    assert df["env"].get("HF_HUB_OFFLINE") == "1" and df["env"].get("MLSYS_OFFLINE") == "1"
+    lock = {ln.split("==")[0] for ln in (REPO / "deploy" / "constraints.lock").read_text().splitlines()
+            if "==" in ln}
+    import tomllib
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    import re
+    wanted = {re.split(r"[\[<>=!~ ]", d)[0].lower().replace("_", "-") for k in ("serve", "infer") for d in extras[k]}
+    assert wanted <= {n.replace("_", "-") for n in lock}, wanted - lock
+    assert "-c deploy/constraints.lock" in (REPO / "deploy" / "Dockerfile").read_text()
 
     # every SERVE_* variable is a Settings field, and the values parse (from_env raises on either)
     # (variables from a Secret have valueFrom instead of a value: their names are checked, their values
