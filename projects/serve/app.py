@@ -296,7 +296,8 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             if not preloaded and isinstance(st.embedder, EmbedderProcess):
                 st.embedder.close()
 
-    app = FastAPI(title="mlsys serve", version="0.1.0", lifespan=lifespan,
+    pages = {} if s.api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="mlsys serve", version="0.1.0", lifespan=lifespan, **pages,
                   description="Embeddings, FAISS search and streamed generation with dynamic batching.")
     app.state.serve = st
 

@@ -105,6 +105,8 @@ class Settings:
     """requests per minute per API key and replica (429 + Retry-After beyond; 0 = no limit)"""
     rate_limit_tpm: int = 0
     """prompt + completion tokens per minute per API key and replica (0 = no limit)"""
+    api_docs: bool = False
+    """serve the interactive API pages /docs and /openapi.json (off: not public through nginx or a Service)"""
     warmup: bool = True
     """run every model at full batch once before reporting ready"""
 

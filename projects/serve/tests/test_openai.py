@@ -184,6 +184,7 @@ def test_api_keys_guard_v1_routes(tmp_path, embedder, engine, caplog):
             time.sleep(1.1)
             got["revoked"] = await c.get("/v1/models", headers={"Authorization": f"Bearer {revoked}"})
             got["open"] = [await c.get(p) for p in ("/healthz", "/readyz", "/metrics")]
+            got["pages"] = [await c.get(p) for p in ("/docs", "/openapi.json")]   # off unless SERVE_API_DOCS
             got["limited"] = [await c.get("/v1/models", headers={"Authorization": f"Bearer {env_key}"})
                               for _ in range(3)]
         return got
@@ -195,6 +196,7 @@ def test_api_keys_guard_v1_routes(tmp_path, embedder, engine, caplog):
     assert got["env"].status_code == 200 and got["file"].status_code == 200 and got["old"].status_code == 200
     assert got["revoked"].status_code == 401
     assert [r.status_code for r in got["open"]] == [200, 200, 200]
+    assert [r.status_code for r in got["pages"]] == [404, 404]
     codes = [r.status_code for r in got["limited"]]
     assert codes == [200, 200, 429], codes                    # 3 a minute: the key's 4th request waits
     assert int(got["limited"][-1].headers["retry-after"]) >= 1
