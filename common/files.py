@@ -1,8 +1,11 @@
-"""File helpers every project needs the same way: a streamed sha256, and atomic text writes."""
+"""File helpers every project needs the same way: a streamed sha256, atomic text writes, and folders written
+aside, synced and swapped into place."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,3 +34,49 @@ def write_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file under a folder, then the folders: its content is on disk before a rename publishes
+    it (a rename alone can survive a power cut that the data does not)."""
+    path = Path(path)
+    for p in sorted(path.rglob("*"), key=lambda p: -len(p.parts)):   # deepest first: files, then folders
+        _fsync(p)
+    _fsync(path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def replace_dir(new: str | Path, path: str | Path) -> None:
+    """Put folder `new` (same filesystem) at `path`, synced first. An existing `path` is swapped with `new` in
+    one atomic step (Linux renameat2 RENAME_EXCHANGE), so a reader finds the old folder or the new one and
+    never nothing; where the kernel or filesystem cannot, two renames (a moment with no folder)."""
+    new, path = Path(new), Path(path)
+    fsync_tree(new)
+    if not path.exists():
+        os.replace(new, path)
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = libc.renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE) == 0
+    except (AttributeError, OSError):   # no renameat2 in this libc
+        ok = False
+    if ok:
+        old = new                       # the exchange left the old folder under the new one's name
+    else:
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(new, path)
+    _fsync(path.parent)                 # the rename itself on disk
+    shutil.rmtree(old, ignore_errors=True)

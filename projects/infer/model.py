@@ -26,7 +26,6 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from common.env import assets_root, cache_root, offline
+from common.files import replace_dir
 from projects.infer import kernels
 
 
@@ -363,7 +363,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(f"Dequantized Q4_1 weights from {gguf.name}; not the original bf16.\n")
-        os.replace(tmp, out)  # atomic: a half-written folder never has the final name
+        replace_dir(tmp, out)  # synced, then renamed: a half-written folder never has the final name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.files import file_sha256
+from common.files import file_sha256, replace_dir
 from common import config
 from projects.serve.model import DEFAULT_MODEL, Embedder
 
@@ -219,8 +219,8 @@ def build_index(embedder: Embedder | list, passages: list[tuple[str, str]], *, k
 
 
 def save_index(idx: SearchIndex, out: Path) -> Path:
-    """Write index.faiss, docs.jsonl, manifest.json (+ the corpus licence) into a fresh folder, then swap it
-    into place, so a reader never sees a half-written index."""
+    """Write index.faiss, docs.jsonl, manifest.json (+ the corpus licence) into a fresh folder, fsync it, then
+    swap it into place (common.files.replace_dir), so a reader never sees a half-written index or none."""
     import faiss
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,14 +236,7 @@ def save_index(idx: SearchIndex, out: Path) -> Path:
             (tmp / "LICENSE-wordnet.txt").write_text(manifest["license"], encoding="utf-8")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
         idx.manifest = manifest
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)   # synced, then swapped in one step: a reader sees the old index or the new
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -93,3 +93,28 @@ def test_encode_corpus_with_several_encoders_keeps_input_order(embedder):
     two = encode_corpus([embedder, embedder], SENTENCES, batch_size=8, progress=False)  # (batches interleave)
     assert (one * two).sum(1).min() >= 0.9999
     assert (one[:3] * embedder.encode(SENTENCES[:3])).sum(1).min() >= 0.9999   # row i is text i
+
+
+def test_saving_over_a_served_index_never_leaves_no_index(tmp_path, small_index):
+    """A replica (re)loading while the index is rebuilt finds the old index or the new one, never nothing:
+    the new folder is swapped in with one atomic exchange, not two renames with a gap between them."""
+    import threading
+    from projects.serve.index import save_index
+    out = tmp_path / "index"
+    save_index(small_index, out)
+    missing, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            if not (out / "manifest.json").exists():
+                missing.append(1)
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(30):
+            save_index(small_index, out)
+    finally:
+        stop.set()
+        t.join()
+    assert not missing, f"no index at {out} {len(missing)} times during 30 swaps"
+    assert not list(tmp_path.glob(".index*"))            # nothing left beside it
