@@ -4,6 +4,7 @@ optionally redis-server, restarts what dies and rolls restarts through nginx wit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -66,7 +67,9 @@ class ClusterConfig:
     ready_timeout_s: float = 300.0
     """a replica not answering /readyz by then is killed and started again"""
     max_start_failures: int = 3
-    """a replica that dies this many times in a row before getting ready stops the cluster (crash loop)"""
+    """a replica that dies this many times in a row before getting ready: with no replica ready this stops the
+    cluster (a crash loop at start); with others serving it is retried with backoff (up to 5 min) and a
+    rolling restart's replacement is given up, the old replica kept"""
     redis_port: int = 0
     """> 0: start redis-server on 127.0.0.1:this (shared embedding cache) and pass REDIS_URL to replicas;
     0 with REDIS_URL=redis://127.0.0.1:PORT/.. set and nothing listening there: start it on PORT"""
@@ -114,14 +117,22 @@ class Cluster:
         self.rolling: list[int] = []     # ports still to be replaced by a rolling restart
         self.events: list[str] = []
         self.autoscaler = None
-        self._rolling_new: Replica | None = None
+        self._rolling_port: int | None = None   # the port of the current rolling replacement
+        self._good_conf: str | None = None      # the last nginx.conf nginx accepted
+        self._retry_apply_at: float | None = None
+        self._apply_failures = 0
         self.log = open(self.run_dir / "supervisor.log", "a", buffering=1) if self.run_dir.exists() else None
 
     # -- bookkeeping --------------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
+        """Log a line; never raises (a full disk must not take the supervisor down with its log)."""
         line = f"{time.strftime('%H:%M:%S')} {msg}"
         self.events = (self.events + [line])[-50:]
-        print(line, file=self.log or sys.stderr, flush=True)
+        try:
+            print(line, file=self.log or sys.stderr, flush=True)
+        except OSError:
+            with contextlib.suppress(OSError):
+                print(line, file=sys.stderr, flush=True)
 
     def write_state(self) -> None:
         state = {
@@ -135,14 +146,20 @@ class Cluster:
             "config": dataclasses.asdict(self.cfg),
             "events": self.events[-20:],
         }
-        write_atomic(self.run_dir / "cluster.json", json.dumps(state, indent=1) + "\n")
+        try:
+            write_atomic(self.run_dir / "cluster.json", json.dumps(state, indent=1) + "\n")
+        except OSError as e:   # full disk: the state file is for `status`; serving goes on
+            self.say(f"warning: cannot write cluster.json ({e.strerror})")
 
     def _pidfile(self, name: str, pid: int | None) -> None:
         p = self.run_dir / f"{name}.pid"
         if pid is None:
             p.unlink(missing_ok=True)
-        else:
+            return
+        try:
             write_atomic(p, f"{pid} {start_time(pid)}\n")  # the start time: cluster.started_pids' identity check
+        except OSError as e:   # full disk: this supervisor still stops it; only a `down` after its death cannot
+            self.say(f"warning: cannot write {p.name} ({e.strerror})")
 
     # -- replicas -----------------------------------------------------------------------------------------
     def _free_port(self) -> int:
@@ -211,15 +228,33 @@ class Cluster:
 
     # -- nginx --------------------------------------------------------------------------------------------
     def apply_upstream(self) -> None:
+        """Render nginx.conf for the replicas' states and reload nginx. Once nginx runs, a failure (nginx -t
+        refuses, a full disk) keeps it serving on the last config it accepted, and is retried with backoff."""
         servers = [(r.port, r.state == "ready") for r in self.replicas]
         if not servers:
             return
-        write_atomic(self.run_dir / "nginx.conf", render_nginx(self.cfg, self.run_dir, servers))
-        if self.nginx is not None and self.nginx.poll() is None:
-            nginx_test(self.cfg, self.run_dir)
-            # reload = new workers on the new config; old workers finish what they hold, then exit
-            subprocess.run(nginx_cmd(self.cfg, self.run_dir, "-s", "reload"), check=True, capture_output=True)
-            self.say("nginx reloaded: " + " ".join(f":{p}{'' if up else '(down)'}" for p, up in servers))
+        text = render_nginx(self.cfg, self.run_dir, servers)
+        conf = self.run_dir / "nginx.conf"
+        running = self.nginx is not None and self.nginx.poll() is None
+        try:
+            write_atomic(conf, text)
+            if running:
+                nginx_test(self.cfg, self.run_dir)
+                # reload = new workers on the new config; old workers finish what they hold, then exit
+                subprocess.run(nginx_cmd(self.cfg, self.run_dir, "-s", "reload"), check=True, capture_output=True)
+                self.say("nginx reloaded: " + " ".join(f":{p}{'' if up else '(down)'}" for p, up in servers))
+            self._good_conf, self._retry_apply_at, self._apply_failures = text, None, 0
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            if not running:
+                raise
+            self._apply_failures += 1
+            wait = min(60.0, 2.0 ** self._apply_failures)
+            self._retry_apply_at = time.monotonic() + wait
+            self.say(f"error: nginx config not applied ({e}); nginx keeps serving the previous one; "
+                     f"retrying in {wait:.0f}s")
+            if self._good_conf is not None:   # a restart of nginx must find a config it accepts
+                with contextlib.suppress(OSError):
+                    write_atomic(conf, self._good_conf)
         self.write_state()
 
     def start_nginx(self) -> None:
@@ -303,14 +338,29 @@ class Cluster:
                 continue
             if dead:
                 # died on its own (SIGKILL, OOM, crash): start a new one on the same port at once -- unless
-                # it never got ready, which is a crash loop: back off, and give up after a few
+                # it never got ready, which is a crash loop: back off; with nothing else serving, give up
                 fails = r.failures + (r.state == "starting")
+                serving = any(o.state == "ready" and o.proc.poll() is None for o in self.replicas if o is not r)
                 if fails >= self.cfg.max_start_failures:
-                    tail = (self.run_dir / f"replica-{r.port}.log").read_text(errors="replace").strip()
-                    raise RuntimeError(f"replica :{r.port} failed to start {fails} times in a row; last log "
-                                       f"line: {tail.splitlines()[-1] if tail else '(empty)'} "
-                                       f"(see {self.run_dir}/replica-{r.port}.log)")
-                wait = min(30.0, 2.0 ** fails) if fails else 0.0
+                    try:
+                        tail = (self.run_dir / f"replica-{r.port}.log").read_text(errors="replace").strip()
+                    except OSError:
+                        tail = ""
+                    why = (f"replica :{r.port} failed to start {fails} times in a row; last log line: "
+                           f"{tail.splitlines()[-1] if tail else '(empty)'} (see {self.run_dir}/replica-{r.port}.log)")
+                    if not serving:
+                        raise RuntimeError(why)
+                    if r.port == self._rolling_port:   # a replacement that cannot start: keep the old one
+                        self.replicas.remove(r)
+                        self._pidfile(f"replica-{r.port}", None)
+                        self.say(f"error: {why}; rolling restart of :{self.rolling.pop(0)} abandoned, the old "
+                                 "replica keeps serving")
+                        self._rolling_port = None
+                        changed = True
+                        continue
+                    if r.restart_at is None:
+                        self.say(f"error: {why}; the others keep serving; retrying with backoff")
+                wait = min(300.0 if fails >= self.cfg.max_start_failures else 30.0, 2.0 ** fails) if fails else 0.0
                 if r.restart_at is None:
                     self.say(f"replica :{r.port} died (exit {r.proc.returncode}); restarting"
                              + (f" in {wait:.0f}s" if wait else ""))
@@ -334,6 +384,8 @@ class Cluster:
         changed |= self._roll()
         if self.autoscaler is not None:
             changed |= self._autoscale()
+        if self._retry_apply_at is not None and now >= self._retry_apply_at:
+            changed = True
         if changed:
             self.apply_upstream()
 
@@ -346,14 +398,17 @@ class Cluster:
         if old is None:
             self.rolling.pop(0)
             return False
-        new = self._rolling_new
-        if new is None or new not in self.replicas:
-            self._rolling_new = self.spawn(self._free_port())
-            self.replicas.append(self._rolling_new)
+        # the replacement by its port: if it dies while starting, tick() restarts it on that port (a new
+        # Replica object), and that restart is still this step's replacement, not a reason for another one
+        new = next((r for r in self.replicas if r.port == self._rolling_port), None)
+        if new is None:
+            new = self.spawn(self._free_port())
+            self._rolling_port = new.port
+            self.replicas.append(new)
             return True
         if new.state == "ready":
             self.retire(old, "rolling restart")
-            self._rolling_new = None
+            self._rolling_port = None
             self.rolling.pop(0)
             return True
         return False
