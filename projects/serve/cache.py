@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import time
 
 import numpy as np
 from redis.exceptions import RedisError
@@ -61,6 +62,10 @@ class LRUCache:
 class EmbeddingCache:
     """LRU in front of an optional Redis. `get_many` returns the vectors found (None for misses)."""
 
+    # circuit breaker: after this many Redis failures in a row, requests skip Redis for `open_s` (doubling
+    # per failed probe, up to `max_open_s`), so a hanging Redis costs each request nothing instead of a timeout
+    BREAKER_FAILURES, BREAKER_OPEN_S, BREAKER_MAX_OPEN_S = 3, 2.0, 60.0
+
     def __init__(self, model_version: str, *, max_entries: int = 100_000, max_bytes: int = 256 << 20,
                  redis_url: str | None = None, ttl_s: int = 7 * 24 * 3600, redis_timeout_s: float = 0.25,
                  dim: int | None = None):
@@ -71,8 +76,16 @@ class EmbeddingCache:
         self.redis = None
         if redis_url:
             import redis.asyncio as aioredis
+            from urllib.parse import urlparse
+            u = urlparse(redis_url)
+            if u.scheme == "redis" and u.hostname not in ("127.0.0.1", "localhost", "::1") and not u.password:
+                raise ValueError(f"redis_url {u.hostname}: a Redis off this host needs a password "
+                                 "(redis://:PASSWORD@host:port/0, or rediss:// for TLS)")
             self.redis = aioredis.from_url(redis_url, socket_timeout=redis_timeout_s,
                                            socket_connect_timeout=redis_timeout_s)
+        self._fails = 0                 # Redis failures in a row
+        self._open_until = 0.0          # breaker open (Redis skipped) until this monotonic time
+        self._open_s = self.BREAKER_OPEN_S
         self.hits = {"lru": 0, "redis": 0}
         self.misses = 0
         self.redis_errors = 0
@@ -86,12 +99,12 @@ class EmbeddingCache:
         out: list[np.ndarray | None] = [self.lru.get((self.model_version, t)) for t in texts]
         n = {"lru": sum(v is not None for v in out), "redis": 0, "miss": 0}
         missing = [i for i, v in enumerate(out) if v is None]
-        if missing and self.redis is not None:
+        if missing and self._redis_usable():
             try:
                 raw = await self.redis.mget([self.redis_key(texts[i]) for i in missing])
+                self._redis_ok()
             except (RedisError, OSError, TimeoutError) as e:  # redis down or slow: a miss, not a failure
-                self.redis_errors += 1
-                log.warning("redis get failed: %s", e)
+                self._redis_failed("get", e)
                 raw = [None] * len(missing)
             for i, b in zip(missing, raw):
                 vec = self._decode(b)
@@ -104,6 +117,27 @@ class EmbeddingCache:
         self.hits["redis"] += n["redis"]
         self.misses += n["miss"]
         return out, n
+
+    def _redis_usable(self) -> bool:
+        return self.redis is not None and time.monotonic() >= self._open_until
+
+    @property
+    def breaker_open(self) -> bool:
+        return self.redis is not None and time.monotonic() < self._open_until
+
+    def _redis_ok(self) -> None:
+        self._fails, self._open_s = 0, self.BREAKER_OPEN_S
+
+    def _redis_failed(self, what: str, e: Exception) -> None:
+        self.redis_errors += 1
+        self._fails += 1
+        if self._fails >= self.BREAKER_FAILURES:   # open (again, for longer after a failed probe)
+            self._open_until = time.monotonic() + self._open_s
+            log.warning("redis %s failed (%s); %d failures in a row: skipping redis for %.0f s", what, e,
+                        self._fails, self._open_s)
+            self._open_s = min(self.BREAKER_MAX_OPEN_S, self._open_s * 2)
+        else:
+            log.warning("redis %s failed: %s", what, e)
 
     def _decode(self, b) -> np.ndarray | None:
         """A Redis value as a vector, or None (a miss) for anything else: another writer's garbage, a truncated
@@ -122,15 +156,15 @@ class EmbeddingCache:
     async def put_many(self, texts: list[str], vecs: list[np.ndarray]) -> None:
         for t, v in zip(texts, vecs):
             self.lru.put((self.model_version, t), v)
-        if self.redis is not None and texts:
+        if texts and self._redis_usable():
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for t, v in zip(texts, vecs):
                     pipe.set(self.redis_key(t), np.asarray(v, dtype="<f4").tobytes(), ex=self.ttl_s)
                 await pipe.execute()
+                self._redis_ok()
             except (RedisError, OSError, TimeoutError) as e:
-                self.redis_errors += 1
-                log.warning("redis set failed: %s", e)
+                self._redis_failed("set", e)
 
     async def close(self) -> None:
         if self.redis is not None:

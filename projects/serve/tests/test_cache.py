@@ -118,3 +118,45 @@ def test_redis_down_is_a_miss_not_an_error():
         return v, n, c.redis_errors
     v, n, errors = asyncio.run(main())
     assert v is None and n["miss"] == 1 and errors == 2
+
+
+def test_a_hanging_redis_opens_the_breaker_so_requests_stop_waiting_for_it(monkeypatch):
+    """A Redis that accepts connections and never answers: each call would wait its timeout; after 3 in a row
+    the cache skips Redis (a miss at once) until a later probe, which finds it still hanging."""
+    import socket
+    import time
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)                                         # accepts (in the backlog), never answers
+    port = srv.getsockname()[1]
+
+    monkeypatch.setattr(EmbeddingCache, "BREAKER_OPEN_S", 0.5)
+
+    async def main():
+        c = EmbeddingCache("m@1", redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.2)
+        times = []
+        for i in range(8):
+            t0 = time.perf_counter()
+            (v,), n = await c.get_many([f"t{i}"])
+            times.append(time.perf_counter() - t0)
+            assert v is None and n["miss"] == 1
+        opened = c.breaker_open
+        await asyncio.sleep(0.6)                           # past the open interval: one probe, still hanging
+        t0 = time.perf_counter()
+        await c.get_many(["probe"])
+        probe = time.perf_counter() - t0
+        await c.close()
+        return times, opened, probe, c.redis_errors
+    try:
+        times, opened, probe, errors = asyncio.run(main())
+    finally:
+        srv.close()
+    assert all(t >= 0.15 for t in times[:3]) and opened, times
+    assert all(t < 0.02 for t in times[3:]), times        # the breaker is open: no waiting
+    assert probe >= 0.15 and errors == 4
+
+
+def test_a_redis_off_this_host_needs_a_password():
+    with pytest.raises(ValueError, match="needs a password"):
+        EmbeddingCache("m@1", redis_url="redis://10.0.0.5:6379/0")
+    EmbeddingCache("m@1", redis_url="redis://:secret@10.0.0.5:6379/0")   # constructing does not connect
