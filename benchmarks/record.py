@@ -38,6 +38,7 @@ BENCHES = {
     "infer": "projects.infer.bench",
     "quant": "projects.infer.bench_quant",
     "serve": "projects.serve.bench",
+    "hardening": "projects.serve.bench_hardening",
 }
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 

@@ -125,3 +125,13 @@ def test_a_refused_nginx_config_or_a_full_disk_keeps_the_last_good_config(monkey
     monkeypatch.setattr(supervisor, "nginx_test", lambda cfg, run_dir: None)
     w.run(5)                                                     # retries: no exception anywhere
     assert c.nginx.poll() is None and w.live() == [9100, 9101]
+
+
+def test_every_hardening_fault_names_a_test_that_exists():
+    """bench_hardening runs these by name: a renamed test must fail here, not vanish from the record."""
+    import re
+    from common.env import REPO_ROOT
+    from projects.serve.bench_hardening import FAULTS
+    for fault, test in FAULTS.items():
+        path, name = test.split("::")
+        assert re.search(rf"^def {name}\(", (REPO_ROOT / path).read_text(), re.M), (fault, test)
