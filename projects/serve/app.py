@@ -39,8 +39,8 @@ from projects.serve.cache import EmbeddingCache
 from projects.serve.engine import ContextLengthExceeded
 from projects.serve import completions
 from projects.serve.auth import KeyStore, RateLimiter
-from projects.serve.middleware import (BadInput, Metrics, ModelNotFound, ServeMiddleware, TooLarge, Unavailable,
-                                       VectorJSON, error_response, ready_state, unless_disconnected)
+from projects.serve.middleware import (BadInput, Metrics, ModelNotFound, NotConfigured, ServeMiddleware, TooLarge,
+                                       Unavailable, VectorJSON, error_response, ready_state, unless_disconnected)
 from projects.serve.model import MAX_SEQ_LEN, Embedder, EmbedderProcess, WorkerDied, env_offline
 from projects.serve.schemas import EmbeddingsRequest, SearchRequest, check_text
 from projects.serve.settings import Settings
@@ -193,7 +193,7 @@ async def search(body: SearchRequest, request: Request):
     st = ready_state(request)
     s = st.settings
     if st.index is None:
-        raise Unavailable("no index loaded (set SERVE_INDEX_DIR)")
+        raise NotConfigured("search is not configured on this server (no index: SERVE_INDEX_DIR)")
     if (body.query is None) == (body.vector is None):
         raise BadInput("give exactly one of query (text) or vector")
     if body.top_k > s.max_top_k:
@@ -302,7 +302,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.state.serve = st
 
     for exc_type in (RequestValidationError, BadInput, TooLarge, Overloaded, DeadlineExceeded, Unavailable,
-                     ModelNotFound, ContextLengthExceeded, StarletteHTTPException, Exception):
+                     ModelNotFound, NotConfigured, ContextLengthExceeded, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, lambda request, exc: _count_reject(st, exc) or error_response(exc, s))
 
     app.include_router(router)

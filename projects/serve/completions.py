@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from projects.serve.batcher import DeadlineExceeded, Overloaded
 from projects.serve.engine import GenRequest
-from projects.serve.middleware import BadInput, ModelNotFound, TooLarge, Unavailable, ready_state, unless_disconnected
+from projects.serve.middleware import BadInput, ModelNotFound, NotConfigured, TooLarge, ready_state, unless_disconnected
 from projects.serve.schemas import ChatRequest, CompletionRequest, check_text, refuse_unsupported
 from projects.serve.textstream import TextStream
 
@@ -28,7 +28,7 @@ router = APIRouter()
 def _engine(request: Request, body):
     st = ready_state(request)
     if st.engine is None:
-        raise Unavailable("generation is not configured (set SERVE_GEN_MODEL)")
+        raise NotConfigured("generation is not configured on this server (SERVE_GEN_MODEL)")
     if body.model is not None and body.model != st.engine.model_id:
         raise ModelNotFound(f"model {body.model!r} is not served here; GET /v1/models lists "
                             f"{st.engine.model_id!r}")

@@ -5,7 +5,7 @@ for a client that disconnects while its request waits.
 Errors map to statuses in `error_response` alone: 422 malformed or invalid input, 400 a prompt longer than
 the context (OpenAI's context_length_exceeded), 404 an unknown model, 413 over a size limit, 503 (or 429,
 Settings.overload_status) + Retry-After when a queue is full or a request waited past its deadline, 503 when
-not ready; 401 (no valid API key) and 429 (a key over its rate limit) come from the middleware before the
+not ready, 404 for a route this deployment does not serve; 401 (no valid API key) and 429 (a key over its rate limit) come from the middleware before the
 body is read. A 500 means a bug, never bad input.
 """
 from __future__ import annotations
@@ -40,7 +40,13 @@ class BadInput(Exception):
 
 
 class Unavailable(Exception):
-    """Not ready, or the feature is not configured: 503."""
+    """Not ready (starting, draining): 503. nginx retries it on another replica and counts it against the
+    replica's health, so it must mean exactly that."""
+
+
+class NotConfigured(Exception):
+    """A route this deployment does not serve (no index, no generator): 404, not 503, because a healthy
+    replica answering 503 would be marked failed by nginx and ejected."""
 
 
 class ModelNotFound(Exception):
@@ -75,6 +81,8 @@ def error_response(exc: Exception, settings: Settings) -> JSONResponse:
     from projects.serve.engine import ContextLengthExceeded
     if isinstance(exc, ContextLengthExceeded):
         return _err(400, str(exc), "invalid_request_error", code="context_length_exceeded", param="messages")
+    if isinstance(exc, NotConfigured):
+        return _err(404, str(exc), "invalid_request_error", code="not_configured")
     if isinstance(exc, ModelNotFound):
         return _err(404, str(exc), "invalid_request_error", code="model_not_found", param="model")
     if isinstance(exc, RequestValidationError):

@@ -144,7 +144,7 @@ def test_bad_input_statuses(embedder):
         return out
     out = asyncio.run(main())
     want = {"malformed": 422, "type": 422, "missing": 422, "empty": 422, "too_many": 413, "too_long": 413,
-            "body": 413, "chunked": 413, "surrogate": 422, "no_search": 503, "no_gen": 503, "unknown": 404}
+            "body": 413, "chunked": 413, "surrogate": 422, "no_search": 404, "no_gen": 404, "unknown": 404}
     assert {k: r.status_code for k, r in out.items()} == want
     for k, r in out.items():
         assert r.json()["error"]["message"], k
