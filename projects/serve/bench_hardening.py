@@ -6,7 +6,8 @@ Each fault is injected by a test of its own (the test's docstring says how) that
 service ends up answering and nothing else was killed or deleted. This runs exactly those tests, in one
 pytest process, and records per fault: passed / failed / skipped (with pytest's reason), and seconds. The
 goal `faults_survived` is the count that passed; every fault must. A skipped fault (a Debian package
-missing) counts as not survived: it was not shown.
+missing) counts as not survived: it was not shown. Then `auth_fuzz`: requests with missing, malformed, altered,
+random and revoked API keys against every /v1 route; goal `unauthorized_requests_served` == 0.
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ COLUMNS = ["fault", "outcome", "seconds", "test"]
 class HardeningConfig:
     timeout_s: int = 600
     """per-test timeout (pytest-timeout)"""
+    auth_fuzz_requests: int = 600
+    """requests with fuzzed Authorization headers (in process: the real app, MiniLM and stories260K)"""
 
 
 def run_tests(tests: list[str], timeout_s: int) -> dict[str, tuple[str, float, str]]:
@@ -79,6 +82,68 @@ def run_tests(tests: list[str], timeout_s: int) -> dict[str, tuple[str, float, s
     return out
 
 
+def auth_fuzz(n: int, seed: int = 0) -> dict:
+    """Requests to every /v1/* route of an app with API keys, under Authorization headers that must all be
+    refused: none, empty, other schemes, the valid key altered (a character flipped, cut, extended, case,
+    whitespace, control bytes), random keys, a revoked key (deleted from the key file while serving). The
+    valid key is sent too, as the control that the routes do answer. Counts what was not refused with 401."""
+    import asyncio
+    import hashlib
+    import random
+    import httpx
+    import torch
+    from projects.infer.model import load
+    from projects.serve.app import create_app
+    from projects.serve.engine import GenerationEngine
+    from projects.serve.model import Embedder
+    from projects.serve.settings import Settings
+    rng = random.Random(seed)
+    valid, revoked = "sk-" + "".join(rng.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=40)), "sk-revoked-key-0"
+    model, tok = load("stories260k", "cpu", torch.float32)
+
+    def bad() -> bytes | None:
+        k = valid
+        i = rng.randrange(len(k))
+        return rng.choice([
+            None, b"", b"Bearer", b"Bearer ", f"Basic {k}".encode(), k.encode(), f"Bearer  {k[:-1]}".encode(),
+            f"Bearer {k[:i]}".encode(), f"Bearer {k}x".encode(), f"Bearer {k.upper()}".encode(),
+            f"Bearer {k[:i]}{chr(ord(k[i]) ^ 1)}{k[i + 1:]}".encode(), f"Bearer {k}\x00".encode(),
+            f"Bearer {revoked}".encode(), ("Bearer " + "".join(rng.choices("xyz0123-_", k=rng.randrange(1, 300)))).encode(),
+            b"Bearer \xff\xfe" + k.encode(), f"Token {k}".encode(), f"Bearer {k} {k}".encode()])
+    routes = [("POST", "/v1/embeddings", {"input": "a cat"}), ("POST", "/v1/completions", {"prompt": "Once", "max_tokens": 2}),
+              ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+              ("GET", "/v1/models", None), ("POST", "/v1/search", {"query": "cat"})]
+
+    async def main(keyfile: Path) -> tuple[int, int, int]:
+        tok.chat_template = "{% for m in messages %}{{ m.content }}\n{% endfor %}"
+        eng = GenerationEngine(model, tok, n_slots=2, model_id="stories260k")
+        app = create_app(Settings(offline=True, index_dir="", gen_model="", warmup=False, api_keys_file=str(keyfile)),
+                         embedder=Embedder(offline=True), engine=eng)
+        served = refused = control_ok = 0
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://s") as c:
+                await c.get("/v1/models", headers={"Authorization": f"Bearer {revoked}"})
+                keyfile.write_text(f"sha256:{hashlib.sha256(valid.encode()).hexdigest()} bench\n")   # revoke
+                await asyncio.sleep(1.1)                                # past the key file's re-read interval
+                for _ in range(n):
+                    method, path, body = rng.choice(routes)
+                    h = bad()
+                    r = await c.request(method, path, json=body, headers={} if h is None else {"Authorization": h})
+                    served += r.status_code != 401
+                    refused += r.status_code == 401
+                for method, path, body in routes:
+                    r = await c.request(method, path, json=body, headers={"Authorization": f"Bearer {valid}"})
+                    control_ok += r.status_code != 401
+        return served, refused, control_ok
+    with tempfile.TemporaryDirectory() as d:
+        keyfile = Path(d) / "keys.txt"
+        keyfile.write_text("".join(f"sha256:{hashlib.sha256(k.encode()).hexdigest()} {name}\n"
+                                   for k, name in ((valid, "bench"), (revoked, "old"))))
+        served, refused, control = asyncio.run(main(keyfile))
+    return {"requests": n, "served": served, "refused_401": refused, "valid_key_answered": control,
+            "routes": len(routes)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.record import goal, make_record, write_record
     cfg = config.parse(HardeningConfig, argv, prog="python -m projects.serve.bench_hardening",
@@ -92,11 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         if msg:
             notes.append(f"{fault}: {kind}: {msg}")
     survived = sum(r["outcome"] == "passed" for r in rows)
+    fuzz = auth_fuzz(cfg.auth_fuzz_requests)
     goals = [goal("faults_survived", f"faults injected one by one (each by its test) after which the service "
                   f"answers and nothing else was killed or deleted, of {len(rows)}", survived, len(rows), "==",
-                  note="a skipped test (missing Debian package) counts as not shown")]
+                  note="a skipped test (missing Debian package) counts as not shown"),
+             goal("unauthorized_requests_served", f"requests without a valid API key answered other than 401, of "
+                  f"{fuzz['requests']} fuzzed (missing, malformed, altered, random and revoked keys) over "
+                  f"{fuzz['routes']} /v1 routes", fuzz["served"], 0, "==",
+                  note=f"control: the valid key was answered on {fuzz['valid_key_answered']} of {fuzz['routes']} routes")]
     rec = make_record("hardening", cfg, rows, goals, units=UNITS, columns=COLUMNS, notes=notes,
-                      extra={"pytest_wall_s": round(time.perf_counter() - t0, 1)})
+                      extra={"pytest_wall_s": round(time.perf_counter() - t0, 1), "auth_fuzz": fuzz})
     path = write_record(rec)
     print(f"{survived}/{len(rows)} faults survived; wrote {path}")
     return 0
