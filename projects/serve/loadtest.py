@@ -3,6 +3,7 @@
     python -m projects.serve.loadtest --rate 50 --duration-s 20            # one level, against `make serve`
     python -m projects.serve.loadtest                                      # sweep 10%..150% of capacity
     python -m projects.serve.loadtest --mix embeddings=1 --zipf 1.1 --rate 100   # Zipf stream (cache test)
+    python -m projects.serve.loadtest --generation --system-words 300 --rate 2 --slo-ms 2000 --tpot-slo-ms 200
 
 Why open loop: a closed-loop client (N users, each waiting for its answer before sending the next) slows
 down exactly when the server does, so the requests that would have met the slow server are never sent and
@@ -15,13 +16,22 @@ The workload mixes embeddings, search and streamed completions (--mix) over real
 example sentences (Debian wordnet-base) or tiny-shakespeare lines ($MLSYS_ASSETS/text/tinyshakespeare.txt).
 Per level it reports: offered and achieved throughput, p50/p90/p99/max latency of successful requests,
 errors by status (or exception), the p99 time to a refusal (429/503), and goodput -- successful requests
-within the latency SLO per second (for streamed completions the SLO applies to the first token).
+within the latency SLO per second (for streamed completions the SLO applies to the first token, and with
+--tpot-slo-ms to the time per output token too).
+
+The generation load (--generation, like vLLM's benchmark_serving) sends only streamed completions drawn from
+a fixed mix of prompt and output lengths (GEN_MIX), optionally after a shared system prompt, and adds per
+level: time to first token (TTFT, from the scheduled send), time per output token after the first (TPOT =
+(last token - first token) / (completion_tokens - 1), the count from the stream's usage chunk),
+inter-token latency (ITL: the gaps between successive token events, pooled over requests), p50 and p99 of
+each, and output tokens/s.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import gc
+import itertools
 import json
 import sys
 import time
@@ -72,6 +82,12 @@ class LoadConfig:
     """completions: stream server-sent events"""
     slo_ms: float = 250.0
     """latency SLO for goodput (first token, for streamed completions)"""
+    tpot_slo_ms: float = 0.0
+    """> 0: a streamed completion is also good only if its time per output token is within this"""
+    generation: bool = False
+    """streamed completions only, from the fixed generation mix GEN_MIX (ignores --mix, --max-tokens)"""
+    system_words: int = 0
+    """--generation: a shared system prompt of this many words before every prompt (0 = none)"""
     timeout_s: float = 30.0
     """a request not answered by then counts as an error (timeout)"""
     max_connections: int = 1024
@@ -165,6 +181,65 @@ class Workload:
         return route, f"/v1/{route}", body
 
 
+# The generation load's fixed mix, (weight, fewest prompt words, most prompt words, max_tokens): a chat
+# question answered at length, a paragraph with a shorter answer, a passage summarized or classified in a
+# few words. ~1.3 SmolLM2 tokens per WordNet word, so prompts of ~10-160 tokens, 45 output tokens on average:
+# small enough that a level of the serving bench's default preset holds tens of requests on one core.
+GEN_MIX = ((0.5, 8, 24, 64), (0.3, 24, 64, 32), (0.2, 64, 120, 16))
+
+
+def words_from(texts: list[str], start: int, n: int) -> str:
+    """The first `n` words of the pool's texts read in order from `start` (wrapping around)."""
+    words: list[str] = []
+    i = start
+    while len(words) < n:
+        words += texts[i % len(texts)].split()
+        i += 1
+        if i - start > len(texts) and not words:
+            raise ValueError("the text pool has no words")
+    return " ".join(words[:n])
+
+
+def system_prompt(texts: list[str], n_words: int) -> str:
+    """A shared system prompt of `n_words` words: an instruction, then reference passages from the pool."""
+    head = "You are a helpful assistant. Answer from the reference passages below.\n\nReference:"
+    return f"{head} {words_from(texts, 0, max(0, n_words - len(head.split())))}"
+
+
+@dataclass
+class GenWorkload:
+    """Streamed greedy completions from a fixed mix (GEN_MIX): each request draws its class by weight, its
+    prompt length uniformly in the class's word range and its prompt from consecutive pool texts at a random
+    start, after `system` + a blank line when a shared system prompt is given. Everything comes from the
+    rng: the same seed gives the same requests. `max_tokens` is a ceiling: greedy decoding can stop at the
+    end-of-text token first, so output lengths are read from each stream's usage chunk."""
+    texts: list[str]
+    mix: tuple = GEN_MIX
+    system: str = ""
+
+    def __post_init__(self):
+        if not self.texts:
+            raise ValueError("the workload needs at least one text")
+        w = np.array([c[0] for c in self.mix], float)
+        if len(w) == 0 or (w < 0).any() or w.sum() <= 0:
+            raise ValueError("the mix needs weights >= 0, not all 0")
+        self._p = w / w.sum()
+
+    def request(self, rng: np.random.Generator) -> tuple[str, str, dict]:
+        _, lo, hi, max_tokens = self.mix[int(rng.choice(len(self.mix), p=self._p))]
+        prompt = words_from(self.texts, int(rng.integers(len(self.texts))), int(rng.integers(lo, hi + 1)))
+        if self.system:
+            prompt = f"{self.system}\n\n{prompt}"
+        return "completions", "/v1/completions", {
+            "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+    def expected(self) -> tuple[float, float]:
+        """(mean prompt words, mean max_tokens) of the mix, system prompt excluded."""
+        return (float(sum(p * (c[1] + c[2]) / 2 for p, c in zip(self._p, self.mix))),
+                float(sum(p * c[3] for p, c in zip(self._p, self.mix))))
+
+
 # --------------------------------------------------------------------------------------------------------
 # sending and measuring
 @dataclass
@@ -179,10 +254,51 @@ class Result:
     retried: bool = False  # sent twice: the first connection closed before any response (see send)
     queue_ms: float | None = None      # the replica's x-queue-time / x-inference-time headers: where the
     inference_ms: float | None = None  # time went on the server side (the rest is HTTP, nginx, this client)
+    tokens: list[float] = field(default_factory=list)   # loop times of a stream's token events
+    prompt_tokens: int | None = None      # a stream's usage chunk (stream_options.include_usage)
+    completion_tokens: int | None = None
 
     @property
     def latency(self) -> float:
         return self.done - self.scheduled
+
+
+def sse_event(line: bytes) -> tuple[str, dict | None]:
+    """What one line of a streamed completion carries: ("done", None) for `data: [DONE]`; ("usage", usage)
+    for the include_usage chunk (no choices); ("token", None) for a chunk of new output -- any chunk before
+    the final one (a token whose text is still incomplete UTF-8 arrives with empty text), and the final one
+    (finish_reason set) only if it carries text; ("other", None) for the rest: a chat stream's opener (the
+    assistant's role), an error event, a blank or comment line."""
+    if not line.startswith(b"data:"):
+        return "other", None
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return "done", None
+    try:
+        d = json.loads(data)
+    except ValueError:
+        return "other", None
+    choices = d.get("choices") if isinstance(d, dict) else None
+    if not choices:
+        usage = d.get("usage") if isinstance(d, dict) else None
+        return ("usage", usage) if isinstance(usage, dict) else ("other", None)
+    c = choices[0]
+    delta = c.get("delta") or {}
+    text = c.get("text", delta.get("content"))
+    if text or (c.get("finish_reason") is None and "role" not in delta):
+        return "token", None
+    return "other", None
+
+
+def token_metrics(r: Result) -> tuple[float, float | None, list[float]]:
+    """(TTFT, TPOT, inter-token gaps) of one streamed completion with at least one token event, in seconds.
+    TTFT counts from the scheduled send; TPOT = (last - first token event) / (completion_tokens - 1), the
+    count from the usage chunk (else the events'), None for a single token; the gaps are those between
+    successive token events (several tokens can share an event: a multi-token character)."""
+    t = r.tokens
+    n = r.completion_tokens if r.completion_tokens is not None else len(t)
+    tpot = (t[-1] - t[0]) / (n - 1) if n > 1 else None
+    return t[0] - r.scheduled, tpot, [b - a for a, b in itertools.pairwise(t)]
 
 
 async def send(client, route: str, path: str, body: dict, scheduled: float, timeout_s: float) -> Result:
@@ -196,6 +312,8 @@ async def send(client, route: str, path: str, body: dict, scheduled: float, time
     first = 0.0
     retried = False
     queue_ms = inference_ms = None
+    tokens: list[float] = []
+    usage: dict = {}
     answered = False  # a response (status line) arrived: no retry past this point
     while True:
         try:
@@ -206,10 +324,15 @@ async def send(client, route: str, path: str, body: dict, scheduled: float, time
                     queue_ms, inference_ms = _header_ms(resp, "x-queue-time"), _header_ms(resp, "x-inference-time")
                     if route == "completions" and body.get("stream"):
                         done_marker = False
+                        tokens, usage = [], {}
                         async for line in resp.content:   # SSE lines, b"data: {...}\n"
-                            if line.startswith(b"data:"):
-                                first = first or loop.time()
-                                done_marker |= line.strip() == b"data: [DONE]"
+                            kind, u = sse_event(line)
+                            if kind == "token":
+                                tokens.append(loop.time())
+                            elif kind == "usage":
+                                usage = u
+                            done_marker |= kind == "done"
+                        first = tokens[0] if tokens else 0.0
                         if status == "200" and not done_marker:
                             status = "incomplete_stream"   # the stream was cut before [DONE]
                     else:
@@ -226,7 +349,7 @@ async def send(client, route: str, path: str, body: dict, scheduled: float, time
         break
     key = body.get("input", body.get("query", body.get("prompt", "")))
     return Result(route, scheduled, sent, loop.time(), status, first, key if isinstance(key, str) else key[0],
-                  retried, queue_ms, inference_ms)
+                  retried, queue_ms, inference_ms, tokens, usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
 
 def _header_ms(resp, name: str) -> float | None:
@@ -258,9 +381,30 @@ def _pct(xs, q: float) -> float | None:
     return percentile(xs, q) if len(xs) else None
 
 
-def summarize(results: list[Result], t0: float, offered_rps: float, duration_s: float, slo_s: float) -> dict:
+def generation_stats(ok: list[Result], wall: float) -> dict:
+    """Per-level generation numbers over successful streamed completions (see token_metrics): TTFT, TPOT and
+    ITL p50/p99 in ms (ITL over every gap of every request, as vLLM pools them), output tokens/s of wall
+    time, and the mean prompt and completion lengths in tokens."""
+    rs = [r for r in ok if r.tokens]
+    m = [token_metrics(r) for r in rs]
+    ttft, tpot = [x[0] for x in m], [x[1] for x in m if x[1] is not None]
+    itl = [g for x in m for g in x[2]]
+    ms = lambda xs, q: None if not xs else 1000 * percentile(xs, q)  # noqa: E731
+    n_out = [r.completion_tokens if r.completion_tokens is not None else len(r.tokens) for r in rs]
+    n_in = [r.prompt_tokens for r in rs if r.prompt_tokens is not None]
+    return {"ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99), "tpot_p50_ms": ms(tpot, 50),
+            "tpot_p99_ms": ms(tpot, 99), "itl_p50_ms": ms(itl, 50), "itl_p99_ms": ms(itl, 99),
+            "output_tok_s": sum(n_out) / wall, "prompt_tokens_mean": float(np.mean(n_in)) if n_in else None,
+            "completion_tokens_mean": float(np.mean(n_out)) if n_out else None}
+
+
+def summarize(results: list[Result], t0: float, offered_rps: float, duration_s: float, slo_s: float,
+              tpot_slo_s: float | None = None) -> dict:
     """Aggregate one level. Latency percentiles are over successful requests; refusals get their own p99;
-    throughput and goodput are per second of wall time from the first due request to the last answer."""
+    throughput and goodput are per second of wall time from the first due request to the last answer. A
+    request is good when it succeeded within `slo_s` (streamed completions: to the first token) and, with
+    `tpot_slo_s`, a streamed completion's time per output token is within that too. A level with streamed
+    token events also gets generation_stats' keys."""
     if not results:  # (a very low rate over a short level can draw no arrival at all)
         return {"offered_rps": offered_rps, "sent": 0, "ok": 0, "achieved_rps": 0.0, "goodput_rps": 0.0,
                 "goodput_fraction": None, "p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None,
@@ -274,7 +418,13 @@ def summarize(results: list[Result], t0: float, offered_rps: float, duration_s: 
     def slo_latency(r: Result) -> float:  # streamed completions: time to first token
         return (r.first - r.scheduled) if r.first else r.latency
 
-    good = [r for r in ok if slo_latency(r) <= slo_s]
+    def tpot_ok(r: Result) -> bool:
+        if tpot_slo_s is None or not r.tokens:
+            return True
+        tpot = token_metrics(r)[1]
+        return tpot is None or tpot <= tpot_slo_s
+
+    good = [r for r in ok if slo_latency(r) <= slo_s and tpot_ok(r)]
     refused = [r.latency for r in results if r.status in REFUSALS]
     ms = lambda x: None if x is None else x * 1000  # noqa: E731
     out = {
@@ -296,6 +446,8 @@ def summarize(results: list[Result], t0: float, offered_rps: float, duration_s: 
         "breakdown": breakdown(results),
         "by_route": {},
     }
+    if any(r.tokens for r in ok):
+        out.update(generation_stats(ok, wall))
     for route in sorted({r.route for r in results}):
         rr = [r for r in results if r.route == route]
         rl = [r.latency for r in rr if r.status == "200"]
@@ -317,9 +469,9 @@ def make_client(url: str, max_connections: int = 1024, timeout_s: float = 30.0):
                                  timeout=aiohttp.ClientTimeout(total=timeout_s, connect=5.0))
 
 
-async def run_level(client, workload: Workload, rate: float, duration_s: float, *, slo_ms: float = 250.0,
-                    timeout_s: float = 30.0, seed: int = 0, arrivals: np.ndarray | None = None,
-                    on_tick=None) -> tuple[dict, list[Result]]:
+async def run_level(client, workload: Workload | GenWorkload, rate: float, duration_s: float, *,
+                    slo_ms: float = 250.0, tpot_slo_ms: float | None = None, timeout_s: float = 30.0,
+                    seed: int = 0, arrivals: np.ndarray | None = None, on_tick=None) -> tuple[dict, list[Result]]:
     """Offer `rate` req/s for `duration_s` (open loop); wait for every answer; return (summary, results).
 
     `on_tick(elapsed_s)` is called about every 0.1 s of the schedule (e.g. to kill a replica mid-run)."""
@@ -346,10 +498,11 @@ async def run_level(client, workload: Workload, rate: float, duration_s: float, 
         # fire and forget: the next arrival does not wait for this answer (that is the open loop)
         tasks.append(asyncio.create_task(send(client, route, path, body, due, timeout_s)))
     results = list(await asyncio.gather(*tasks))
-    return summarize(results, t0, rate, duration_s, slo_ms / 1000), results
+    return summarize(results, t0, rate, duration_s, slo_ms / 1000,
+                     tpot_slo_ms / 1000 if tpot_slo_ms else None), results
 
 
-async def measure_capacity(client, workload: Workload, seconds: float, concurrency: int, seed: int = 0,
+async def measure_capacity(client, workload: Workload | GenWorkload, seconds: float, concurrency: int, seed: int = 0,
                            timeout_s: float = 30.0) -> float:
     """Closed loop at `concurrency` in flight for `seconds`: successful requests/s (the saturation rate)."""
     loop = asyncio.get_running_loop()
@@ -369,15 +522,15 @@ async def measure_capacity(client, workload: Workload, seconds: float, concurren
     return ok / (loop.time() - t0)
 
 
-async def sweep(client, workload: Workload, capacity: float, levels: list[float], duration_s: float, *,
-                slo_ms: float, timeout_s: float, seed: int = 0, progress: bool = True,
-                durations: dict[float, float] | None = None) -> list[dict]:
+async def sweep(client, workload: Workload | GenWorkload, capacity: float, levels: list[float], duration_s: float,
+                *, slo_ms: float, timeout_s: float, tpot_slo_ms: float | None = None, seed: int = 0,
+                progress: bool = True, durations: dict[float, float] | None = None) -> list[dict]:
     """One open-loop level per fraction of `capacity`, `duration_s` each unless `durations` names the
     fraction: a level whose tail is a goal runs longer, as a p99 over 700 requests rests on the slowest 7."""
     rows = []
     for i, frac in enumerate(levels):
         s, _ = await run_level(client, workload, frac * capacity, (durations or {}).get(frac, duration_s),
-                               slo_ms=slo_ms, timeout_s=timeout_s, seed=seed + i)
+                               slo_ms=slo_ms, tpot_slo_ms=tpot_slo_ms, timeout_s=timeout_s, seed=seed + i)
         s["load_fraction"] = frac
         rows.append(s)
         if progress:
@@ -388,18 +541,26 @@ async def sweep(client, workload: Workload, capacity: float, levels: list[float]
 
 def format_row(s: dict) -> str:
     f = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
+    gen = (f"  TTFT p50/p99 {f(s['ttft_p50_ms'])}/{f(s['ttft_p99_ms'])} TPOT {f(s['tpot_p50_ms'])}/"
+           f"{f(s['tpot_p99_ms'])} ITL {f(s['itl_p50_ms'])}/{f(s['itl_p99_ms'])} ms  {s['output_tok_s']:.1f} "
+           f"tokens/s") if "ttft_p50_ms" in s else ""
     return (f"offered {s['offered_rps']:7.1f}/s  achieved {s['achieved_rps']:7.1f}/s  goodput "
             f"{s['goodput_rps']:7.1f}/s  p50 {f(s['p50_ms'])} p90 {f(s['p90_ms'])} p99 {f(s['p99_ms'])} "
-            f"max {f(s['max_ms'])} ms  errors {s['errors'] or 0}  retried {s['retried']}  lag p99 {f(s['send_lag_p99_ms'])} ms")
+            f"max {f(s['max_ms'])} ms{gen}  errors {s['errors'] or 0}  retried {s['retried']}  "
+            f"lag p99 {f(s['send_lag_p99_ms'])} ms")
 
 
 async def _main(cfg: LoadConfig) -> dict:
     texts = load_texts(cfg.corpus, cfg.pool, cfg.seed)
-    wl = Workload(texts, parse_mix(cfg.mix), cfg.zipf, cfg.texts_per_request, cfg.top_k, cfg.max_tokens,
-                  cfg.stream)
+    if cfg.generation:
+        wl = GenWorkload(texts, system=system_prompt(texts, cfg.system_words) if cfg.system_words else "")
+    else:
+        wl = Workload(texts, parse_mix(cfg.mix), cfg.zipf, cfg.texts_per_request, cfg.top_k, cfg.max_tokens,
+                      cfg.stream)
+    tpot = cfg.tpot_slo_ms or None
     async with make_client(cfg.url, cfg.max_connections, cfg.timeout_s) as client:
         if cfg.rate > 0:
-            s, _ = await run_level(client, wl, cfg.rate, cfg.duration_s, slo_ms=cfg.slo_ms,
+            s, _ = await run_level(client, wl, cfg.rate, cfg.duration_s, slo_ms=cfg.slo_ms, tpot_slo_ms=tpot,
                                    timeout_s=cfg.timeout_s, seed=cfg.seed)
             print(format_row(s), file=sys.stderr)
             return {"levels": [s]}
@@ -408,8 +569,8 @@ async def _main(cfg: LoadConfig) -> dict:
         print(f"capacity {cap:.1f} requests/s", file=sys.stderr)
         levels = [float(x) for x in cfg.levels.split(",")]
         return {"capacity_rps": cap, "levels": await sweep(client, wl, cap, levels, cfg.duration_s,
-                                                           slo_ms=cfg.slo_ms, timeout_s=cfg.timeout_s,
-                                                           seed=cfg.seed)}
+                                                           slo_ms=cfg.slo_ms, tpot_slo_ms=tpot,
+                                                           timeout_s=cfg.timeout_s, seed=cfg.seed)}
 
 
 def main(argv: list[str] | None = None) -> int:
