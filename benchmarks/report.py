@@ -4,7 +4,8 @@
     python -m benchmarks.report --check    # exit 1 if any generated section differs from the records
 
 A generated section sits between `<!-- bench:NAME -->` and `<!-- /bench -->`; NAME is a bench (its table),
-`goals` (every bench's goals in one table) or `NAME:notes`. A bench with no record says "not run yet" —
+`goals` (every bench's goals in one table), `NAME:notes`, or `NAME:TABLE` for a second table a record
+carries in extra.tables.TABLE ({columns, units, rows}). A bench with no record says "not run yet" —
 stale numbers are never kept. Numbers are only ever formatted from a record, never typed.
 """
 from __future__ import annotations
@@ -133,8 +134,11 @@ def render_section(name: str, records: dict[str, dict]) -> str:
         return render_notes(rec)
     if part == "profile":
         return render_profile(rec)
-    if part:
-        raise ValueError(f"unknown section part {part!r} in marker bench:{name}")
+    if part:   # a second table of the bench, with its own columns and units (extra.tables.<part>)
+        table = ((rec.get("extra") or {}).get("tables") or {}).get(part)
+        if table is None:
+            return f"_no `{part}` table in this record yet: `{MAKE_TARGET.get(bench, f'make bench-{bench}')}`_\n"
+        return render_table({**rec, **table})
     return render_table(rec)
 
 
