@@ -17,7 +17,14 @@ What it measures, in this order:
      batching -- capacity, then a sweep of offered load to 2x capacity (latency vs throughput, overload
      refusals, goodput, replica memory) -- and a SIGKILLed replica under steady embeddings + search load;
      cache off vs on under a Zipf stream; the HTTP path alone (standin.py: the same routes, no model), the
-     bound the cores put on served throughput; 1 replica x 2 threads on the same cores.
+     bound the cores put on served throughput; 1 replica x 2 threads on the same cores;
+  5. the generation load test (loadtest.GenWorkload: streamed completions from a fixed mix of prompt and
+     output lengths, open loop like vLLM's benchmark_serving) on 1 replica x 1 pinned thread behind nginx:
+     the generator alone first (decode tokens/s at batch 1 and at gen_slots rows, prefill times: the
+     bounds), then continuous batching (gen_slots rows) against one request at a time (1 row) -- capacity
+     and a sweep to 2x capacity: TTFT, TPOT and ITL p50/p99, output tokens/s, goodput under the TTFT + TPOT
+     SLO, refusals -- and, with a shared system prompt of gen_system_tokens tokens, the prefix cache on
+     against off at the same load.
 The load generator runs on the same 2 cores as the service: its CPU is taken from the replicas, so the
 served numbers are a lower bound of what a separate client machine would see.
 """
@@ -94,6 +101,39 @@ class BenchConfig:
     skip). stories260k is too small to show attention cost: Python overhead dominates every step"""
     kv_tokens: int = 192
     """sequence length of the KV cache experiment"""
+    gen_load: bool = True
+    """run the generation load test (5.) on gen_model. Its default sizes take ~4 min on 2 cores with
+    SmolLM2-135M Q4_1 (~100 decode tokens/s at batch 1 on one thread, ~300 at 8 rows, ~5 ms per prefilled
+    token): the generator alone ~25 s, 3 deployments started (~20 s each), capacity runs and 8 levels of
+    5 s (+ the answers still streaming), 2 system-prompt levels of ~30 s"""
+    gen_quant: Literal["", "int8", "int4", "q4_1", "q8_0"] = "q4_1"
+    """the generation deployments' quantization (SERVE_GEN_QUANT; "" for stories260k)"""
+    gen_slots: int = 8
+    """KV cache rows of the continuous-batching deployment (the one-at-a-time deployment has 1)"""
+    gen_ctx: int = 1024
+    """KV cache positions per row: the system prompt + the mix's longest prompt (~160 tokens) + 64 new fit"""
+    gen_max_queue: int = 4
+    """completions waiting for a row before a replica refuses: the wait stays within ~gen_max_queue /
+    capacity (~2 s at the default mix's capacity), so accepted requests keep the TTFT SLO under overload"""
+    gen_levels: str = "0.5,0.75,1.0,1.5,2.0"
+    """offered generation load as fractions of the measured capacity (one-at-a-time: those <= 1)"""
+    gen_level_s: float = 5.0
+    """seconds of arrivals per generation level: on SmolLM2, ~10 requests at continuous batching's capacity
+    and ~3-7 for one at a time, so a level's p99 is its slowest request (--full: 15 s)"""
+    gen_capacity_s: float = 5.0
+    """seconds of closed-loop generation to measure capacity (gen_slots + 1 users; 2 for one-at-a-time)"""
+    gen_ttft_slo_ms: float = 2000.0
+    """generation SLO: time to first token (p99 of a level, and per request for goodput)"""
+    gen_tpot_slo_ms: float = 200.0
+    """generation SLO: time per output token after the first (p99 of a level, and per request for goodput)"""
+    gen_system_tokens: int = 400
+    """length of the shared system prompt of the prefix cache experiment, in the generator's tokens"""
+    gen_system_load: float = 0.5
+    """the system-prompt levels' rate, as the share of the engine's time a cache-off request alone takes
+    (its prefill + decode, measured offline): light enough that cache-off TTFT is its prefill, not a queue"""
+    gen_system_requests: int = 6
+    """expected requests of each system-prompt level (its duration = this / rate): cache off, each costs a
+    ~460-token prefill (~2 s on SmolLM2's one thread)"""
     ann_queries: int = 1000
     """WordNet lemma queries for recall@10 (0 = skip the ANN goals)"""
     port: int = 18400
@@ -103,8 +143,9 @@ class BenchConfig:
 
 
 def full() -> BenchConfig:
-    """10 s levels and capacity runs."""
-    return BenchConfig(level_s=10.0, capacity_s=10.0, preset="full")
+    """10 s levels and capacity runs; generation: 15 s levels from 0.25x, 24 requests per system-prompt level."""
+    return BenchConfig(level_s=10.0, capacity_s=10.0, gen_levels="0.25,0.5,0.75,1.0,1.25,1.5,2.0",
+                       gen_level_s=15.0, gen_capacity_s=10.0, gen_system_requests=24, preset="full")
 
 
 PRESETS = {"default": BenchConfig, "full": full}
@@ -196,6 +237,64 @@ def kv_cache_latency(name: str, n_tokens: int, n_points: int = 6, reps: int = 3)
     return res
 
 
+def offline_generation(settings: Settings, wl: loadtest.GenWorkload, system_tokens: int, threads: int,
+                       n_prompts: int = 64) -> dict:
+    """The generator alone, built as a replica builds it (app.make_engine: the same weights, quantization and
+    KV cache) on a replica's `threads`, no HTTP. Measures the bounds of the generation goals:
+      - decode tokens/s at batch 1 and at settings.gen_slots rows (each row at the mix's typical position):
+        the model's own batching gain;
+      - the prefill of the mix's mean prompt, which continuous batching does not batch (a row is prefilled
+        alone), hence `mix_bound`: served tokens/s of gen_slots rows over 1 row at full load, at most
+        (P + O s1) / (P + O sB / B) for prefill P, mean max_tokens O and decode steps s1, sB;
+      - the shared system prompt: pool text cut to exactly `system_tokens` tokens (returned as `system`),
+        and the prefill of system + mean prompt from position 0 (cache off) against the part past the
+        prefix cache's full blocks (cache on): `prefix_bound`, the TTFT ratio with no queue and no HTTP.
+    `service_off_s` is a cache-off request alone: full prefill + O decode steps at batch 1."""
+    import torch
+    from projects.serve.app import make_engine
+    from projects.serve.engine import _row_view
+    torch.set_num_threads(threads)
+    eng = make_engine(settings)
+    model, tok = eng.model, eng.tokenizer
+    ids_of = lambda text, special=True: tok(text, add_special_tokens=special)["input_ids"]  # noqa: E731
+    n_special = len(ids_of("a")) - len(ids_of("a", False))            # a BOS the tokenizer puts first
+    system = tok.decode(ids_of(loadtest.system_prompt(wl.texts, 2 * system_tokens), False)[:system_tokens])
+    rng = np.random.default_rng(0)
+    prompts = [wl.request(rng)[2] for _ in range(n_prompts)]
+    p_tok = float(np.mean([len(ids_of(b["prompt"])) for b in prompts]))
+    full_tok = float(np.mean([len(ids_of(f"{system}\n\n{b['prompt']}")) for b in prompts]))
+    out_tok = float(np.mean([b["max_tokens"] for b in prompts]))
+    n_sys = len(ids_of(system, False))
+    block = eng.prefix.block_tokens if eng.prefix is not None else None
+    cached = (n_special + n_sys) // block * block if block else 0      # full blocks of system tokens only
+    vocab = model.args.vocab_size
+
+    def prefill_s(n: int, start: int = 0, repeats: int = 3) -> float:
+        ids = torch.randint(0, vocab, (1, n))
+        with torch.inference_mode(), _row_view(model, 0):
+            return timed(lambda: model(ids, torch.arange(start, start + n)), warmup=1, repeats=repeats)[0]
+
+    def step_s(rows: int) -> float:
+        tk = torch.zeros(rows, 1, dtype=torch.long)
+        pos = torch.full((rows, 1), int(p_tok + out_tok / 2))
+        with torch.inference_mode():
+            return timed(lambda: model(tk, pos), warmup=2, repeats=10)[0]
+
+    B = settings.gen_slots
+    s1, sB = step_s(1), step_s(B)
+    P = prefill_s(round(p_tok))
+    full = prefill_s(round(full_tok), repeats=1)
+    suffix = prefill_s(round(full_tok) - cached, start=cached) if cached else None
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {"threads": threads, "slots": B, "system": system, "system_tokens": n_sys,
+            "decode_tok_s_1": 1 / s1, "decode_tok_s_b": B / sB, "decode_gain": s1 * B / sB,
+            "prompt_tokens_mean": p_tok, "max_tokens_mean": out_tok, "prefill_prompt_s": P,
+            "mix_bound": (P + out_tok * s1) / (P + out_tok * sB / B),
+            "full_tokens_mean": full_tok, "cached_tokens": cached, "prefill_full_s": full,
+            "prefill_suffix_s": suffix, "prefix_bound": full / suffix if suffix else None,
+            "service_off_s": full + out_tok * s1}
+
+
 # --------------------------------------------------------------------------------------------------------
 # clusters
 class Served:
@@ -263,9 +362,19 @@ def deployment(replicas: int, threads: int) -> str:
 
 
 def served_settings(cfg: BenchConfig, **kw) -> Settings:
-    """What every bench replica runs: the bench's index and dtype, embeddings only, no cache unless asked."""
-    return Settings(index_dir=cfg.index_dir, embed_dtype=cfg.embed_dtype, gen_model="", max_queue=cfg.max_queue,
-                    cache_entries=0, **kw)
+    """What every bench replica runs: the bench's index and dtype, embeddings only, no cache unless asked;
+    `kw` overrides any of it."""
+    return Settings(**{"index_dir": cfg.index_dir, "embed_dtype": cfg.embed_dtype, "gen_model": "",
+                       "max_queue": cfg.max_queue, "cache_entries": 0, **kw})
+
+
+def gen_settings(cfg: BenchConfig, **kw) -> Settings:
+    """A generation deployment's replica: the bench's generator, no index, the embedding model in process
+    (it still loads and warms up, at batch 8; no request of the generation load touches it)."""
+    return served_settings(cfg, **{"index_dir": "", "embed_worker": False, "max_batch_size": 8,
+                                   "gen_model": cfg.gen_model, "gen_quant": cfg.gen_quant,
+                                   "gen_slots": cfg.gen_slots, "gen_ctx": cfg.gen_ctx,
+                                   "gen_max_queue": cfg.gen_max_queue, **kw})
 
 
 def cluster_config(cfg: BenchConfig, replicas: int, threads: int, pin: bool = True) -> ClusterConfig:
@@ -273,10 +382,11 @@ def cluster_config(cfg: BenchConfig, replicas: int, threads: int, pin: bool = Tr
                          graceful_s=10, ready_timeout_s=300, nice=cfg.nice)
 
 
-def at_slo(levels: list[dict], slo_ms: float) -> float:
-    """Highest achieved throughput among levels whose p99 meets the SLO with nothing refused or failed."""
-    ok = [s["achieved_rps"] for s in levels if s["p99_ms"] is not None and s["p99_ms"] <= slo_ms
-          and s["failed"] == 0]
+def at_slo(levels: list[dict], limits: dict[str, float], key: str = "achieved_rps") -> float:
+    """Highest `key` (throughput) among levels with nothing refused or failed whose every `limits` entry
+    (e.g. {"p99_ms": 500}) was measured and is within its bound."""
+    ok = [s[key] for s in levels if s["failed"] == 0
+          and all(s.get(k) is not None and s[k] <= bound for k, bound in limits.items())]
     return max(ok) if ok else 0.0
 
 
@@ -285,21 +395,28 @@ async def _capacity(served: Served, wl, cfg: BenchConfig, seed: int) -> float:
         return await loadtest.measure_capacity(c, wl, cfg.capacity_s, concurrency=served.concurrency, seed=seed)
 
 
-async def _capacity_and_sweep(served: Served, wl, cfg: BenchConfig, levels: list[float], seed: int):
-    async with loadtest.make_client(served.url) as c:
-        cap = await loadtest.measure_capacity(c, wl, cfg.capacity_s, concurrency=served.concurrency, seed=seed)
-        rows = await loadtest.sweep(c, wl, cap, levels, cfg.level_s, slo_ms=cfg.slo_ms, timeout_s=30, seed=seed,
-                                    durations={0.5: max(cfg.half_s, cfg.level_s)})
-    return cap, rows
-
-
-def sweep_experiment(served: Served, wl, cfg: BenchConfig, levels: list[float], seed: int) -> dict:
+def sweep_experiment(served: Served, wl, levels: list[float], seed: int, *, capacity_s: float, level_s: float,
+                     concurrency: int, **sweep_kw) -> dict:
+    """Capacity (closed loop, `concurrency` users), then one open-loop level per fraction of it
+    (loadtest.sweep with `sweep_kw`); replica memory before and after, restarts."""
+    async def go():
+        async with loadtest.make_client(served.url) as c:
+            cap = await loadtest.measure_capacity(c, wl, capacity_s, concurrency=concurrency, seed=seed)
+            return cap, await loadtest.sweep(c, wl, cap, levels, level_s, seed=seed, **sweep_kw)
     rss0 = served.replica_rss_mb()
-    cap, rows = asyncio.run(_capacity_and_sweep(served, wl, cfg, levels, seed))
+    cap, rows = asyncio.run(go())
     st = served.state()
-    return {"capacity_rps": cap, "levels": rows, "slo_rps": at_slo(rows, cfg.slo_ms),
-            "rss_mb_before": rss0, "rss_mb_after": served.replica_rss_mb(),
+    return {"capacity_rps": cap, "levels": rows, "rss_mb_before": rss0, "rss_mb_after": served.replica_rss_mb(),
             "restarts": sum(r["restarts"] for r in st["replicas"])}
+
+
+def embeddings_sweep(served: Served, wl, cfg: BenchConfig, levels: list[float], seed: int) -> dict:
+    """sweep_experiment for embeddings: the 0.5x level runs half_s; slo_rps = the best rate within the SLO."""
+    e = sweep_experiment(served, wl, levels, seed, capacity_s=cfg.capacity_s, level_s=cfg.level_s,
+                         concurrency=served.concurrency, slo_ms=cfg.slo_ms, timeout_s=30,
+                         durations={0.5: max(cfg.half_s, cfg.level_s)})
+    e["slo_rps"] = at_slo(e["levels"], {"p99_ms": cfg.slo_ms})
+    return e
 
 
 def cache_experiment(served: Served, cfg: BenchConfig, texts: list[str], seed: int,
@@ -368,6 +485,171 @@ def kill_experiment(served: Served, cfg: BenchConfig, texts: list[str], rate: fl
             break
         time.sleep(0.2)
     return {"level": s, "failed": s["failed"], "sent": s["sent"], "recovered_s": back}
+
+
+def generation_sweep(served: Served, wl, cfg: BenchConfig, levels: list[float], slots: int, seed: int) -> dict:
+    """sweep_experiment for the generation load: slots + 1 closed-loop users for capacity (one waits while a
+    finished user's next request is on its way); `slo_tok_s` = the best output tokens/s of a level whose
+    TTFT p99 and TPOT p99 are within the SLO, nothing refused or failed."""
+    e = sweep_experiment(served, wl, levels, seed, capacity_s=cfg.gen_capacity_s, level_s=cfg.gen_level_s,
+                         concurrency=slots + 1, slo_ms=cfg.gen_ttft_slo_ms, tpot_slo_ms=cfg.gen_tpot_slo_ms,
+                         timeout_s=60)
+    e["slo_tok_s"] = at_slo(e["levels"], {"ttft_p99_ms": cfg.gen_ttft_slo_ms, "tpot_p99_ms": cfg.gen_tpot_slo_ms},
+                            key="output_tok_s")
+    return e
+
+
+def system_prompt_level(served: Served, wl, cfg: BenchConfig, rate: float, seed: int) -> dict:
+    """One open-loop level of the shared-system-prompt load at `rate` for gen_system_requests / rate
+    seconds, after one unmeasured request with the same system prompt (it puts the prompt's blocks into the
+    prefix cache, as a deployment's steady state has them; the cache-off deployment gets it too)."""
+    async def go():
+        async with loadtest.make_client(served.url) as c:
+            route, path, body = wl.request(np.random.default_rng(seed + 1000))
+            await loadtest.send(c, route, path, body, asyncio.get_running_loop().time(), 120)
+            s, _ = await loadtest.run_level(c, wl, rate, cfg.gen_system_requests / rate,
+                                            slo_ms=cfg.gen_ttft_slo_ms, tpot_slo_ms=cfg.gen_tpot_slo_ms,
+                                            timeout_s=120, seed=seed)
+            return s
+    s = asyncio.run(go())
+    print(loadtest.format_row(s), file=sys.stderr, flush=True)
+    return s
+
+
+def generation_experiment(cfg: BenchConfig, texts: list[str], off: dict, log) -> dict:
+    """The served generation load on 1 replica x 1 pinned thread behind nginx, three deployments in turn:
+    continuous batching (gen_slots rows, prefix cache on): capacity, the sweep, then the system-prompt
+    level; one at a time (1 row): capacity and the sweep up to 1x; prefix cache off (gen_slots rows): the
+    system-prompt level. The sweeps of both deployments draw the same requests (same seeds); the two
+    system-prompt levels draw the same requests at the same times."""
+    cl = cluster_config(cfg, 1, 1)
+    wl, wl_sys = loadtest.GenWorkload(texts), loadtest.GenWorkload(texts, system=off["system"])
+    levels = [float(x) for x in cfg.gen_levels.split(",")]
+    rate_sys = cfg.gen_system_load / off["service_off_s"]
+    out = {"rate_system": rate_sys, "deployment": deployment(1, 1)}
+    log(f"generation: continuous batching ({cfg.gen_slots} rows), {out['deployment']}")
+    with Served("gen-continuous", cl, gen_settings(cfg)) as s:
+        out["continuous"] = generation_sweep(s, wl, cfg, levels, cfg.gen_slots, seed=21)
+        log(f"generation: shared system prompt, prefix cache on, {rate_sys:.2f} req/s")
+        out["prefix_on"] = system_prompt_level(s, wl_sys, cfg, rate_sys, seed=23)
+    log("generation: one request at a time (1 row)")
+    with Served("gen-one", cl, gen_settings(cfg, gen_slots=1)) as s:
+        out["one_at_a_time"] = generation_sweep(s, wl, cfg, [x for x in levels if x <= 1.0], 1, seed=21)
+    log(f"generation: shared system prompt, prefix cache off, {rate_sys:.2f} req/s")
+    with Served("gen-cache-off", cl, gen_settings(cfg, gen_prefix_cache_mb=0)) as s:
+        out["prefix_off"] = system_prompt_level(s, wl_sys, cfg, rate_sys, seed=23)
+    return out
+
+
+# the generation table (docs/serve.md, section serve:generation): one row per level
+GEN_UNITS = {"deployment": "", "workload": "", "load": "x", "offered": "req/s", "requests": "", "refused": "",
+             "ttft_p50_ms": "ms", "ttft_p99_ms": "ms", "tpot_p50_ms": "ms", "tpot_p99_ms": "ms",
+             "itl_p50_ms": "ms", "itl_p99_ms": "ms", "output_tok_s": "tokens/s", "goodput_rps": "req/s"}
+
+
+def _gen_row(deployment: str, workload: str, lv: dict, load) -> dict:
+    return {"deployment": deployment, "workload": workload, "load": load, "offered": lv["offered_rps"],
+            "requests": lv["sent"], "refused": lv["refused"], "goodput_rps": lv["goodput_rps"],
+            **{k: lv.get(k) for k in GEN_UNITS if k.endswith("_ms") or k == "output_tok_s"}}
+
+
+GEN_GOALS = {"gen_batching_speedup_at_slo": (3, ">="), "prefix_cache_ttft_speedup": (3, ">="),
+             "gen_overload_goodput": (0.95, ">="), "gen_reject_p99_ms": (50, "<=")}
+
+
+def generation_results(cfg: BenchConfig, off: dict, gen: dict | None, goal) -> tuple[list, dict, list, list]:
+    """(rows of the serve table, the generation table, goals, notes) from offline_generation's and
+    generation_experiment's numbers; `gen` None: the served part did not run (goals unmeasured)."""
+    rows, goals, notes = [], [], []
+    B, thr = off["slots"], f"{off['threads']} thread{'s' * (off['threads'] > 1)}"
+    model = f"{cfg.gen_model} {cfg.gen_quant or 'float'}"
+    rows.append(_row("offline, one replica's generator", f"{model}, batch 1, {thr}", off["decode_tok_s_1"],
+                     detail=f"decode tokens/s, no HTTP; prefill of the mix's mean prompt "
+                            f"({off['prompt_tokens_mean']:.0f} tokens) {1000 * off['prefill_prompt_s']:.0f} ms"))
+    rows.append(_row("offline, one replica's generator", f"{model}, batch {B}, {thr}", off["decode_tok_s_b"],
+                     detail=f"decode tokens/s, no HTTP; x{off['decode_gain']:.2f} over batch 1: the model's own "
+                            f"batching gain (x{off['mix_bound']:.2f} with the mix's unbatched prefills)"))
+    slo = f"TTFT p99 <= {cfg.gen_ttft_slo_ms:g} ms and TPOT p99 <= {cfg.gen_tpot_slo_ms:g} ms"
+    if gen is None:
+        for name, (target, op) in GEN_GOALS.items():
+            goals.append(goal(name, "generation load test", None, target, op, "the generation load test did not run"))
+        return rows, {}, goals, notes
+    cont, one = gen["continuous"], gen["one_at_a_time"]
+    dep = gen["deployment"]
+    labels = {"continuous": f"continuous batching ({B} rows), {dep}", "one_at_a_time": f"one at a time (1 row), {dep}"}
+    table = []
+    for key in ("continuous", "one_at_a_time"):
+        e = gen[key]
+        for lv in e["levels"]:
+            table.append(_gen_row(labels[key], "mix", lv, lv["load_fraction"]))
+        best = [lv for lv in e["levels"] if lv.get("output_tok_s") == e["slo_tok_s"] and e["slo_tok_s"]]
+        lv = best[0] if best else _level(e["levels"], 0.5)
+        f = lambda x: "—" if x is None else f"{x:.0f}"  # noqa: E731
+        rows.append(_row("generation via nginx", f"{labels[key]}, {model}", lv.get("output_tok_s"),
+                         lv["goodput_rps"], lv.get("ttft_p50_ms"), lv.get("ttft_p99_ms"), lv["failed"],
+                         detail=(f"output tokens/s at the best level within {slo} ({lv['load_fraction']:g}x "
+                                 if best else f"no level within {slo}; output tokens/s at ") +
+                         f"capacity = {lv['offered_rps']:.2f} req/s; capacity {e['capacity_rps']:.2f} req/s closed "
+                         f"loop); p50/p99 cols = TTFT; TPOT {f(lv.get('tpot_p50_ms'))}/{f(lv.get('tpot_p99_ms'))} "
+                         f"ms, ITL {f(lv.get('itl_p50_ms'))}/{f(lv.get('itl_p99_ms'))} ms; at_slo col = goodput"))
+    sys_label = f"shared {off['system_tokens']}-token system prompt"
+    for key, label in (("prefix_on", "prefix cache on"), ("prefix_off", "prefix cache off")):
+        lv = gen[key]
+        table.append(_gen_row(f"{label}, {B} rows, {dep}", sys_label, lv, None))
+        rows.append(_row("generation via nginx", f"{label}, {sys_label}, {B} rows, {model}", lv.get("output_tok_s"),
+                         lv["goodput_rps"], lv.get("ttft_p50_ms"), lv.get("ttft_p99_ms"), lv["failed"],
+                         detail=f"{lv['sent']} requests at {lv['offered_rps']:.2f} req/s; p50/p99 cols = TTFT"))
+    b1 = one["slo_tok_s"]
+    goals.append(goal("gen_batching_speedup_at_slo", f"output tokens/s with {slo}, continuous batching ({B} rows) "
+                      "over one request at a time, same replica", cont["slo_tok_s"] / b1 if b1 else None,
+                      *GEN_GOALS["gen_batching_speedup_at_slo"],
+                      f"{cont['slo_tok_s']:.1f} vs {b1:.1f} tokens/s; the bound: the generator alone on the "
+                      f"replica's {thr} decodes x{off['decode_gain']:.2f} the tokens/s at batch {B} over batch 1 "
+                      f"({off['decode_tok_s_b']:.0f} vs {off['decode_tok_s_1']:.0f}); a request's prefill is not "
+                      f"batched (the mix's mean prompt, {off['prompt_tokens_mean']:.0f} tokens: "
+                      f"{1000 * off['prefill_prompt_s']:.0f} ms, before at most {off['max_tokens_mean']:.0f} new "
+                      f"tokens on average), so at full load the model allows at most x{off['mix_bound']:.2f}"
+                      if b1 else "one-at-a-time had no level within the SLO"))
+    on, offl = gen["prefix_on"], gen["prefix_off"]
+    ton, toff = on.get("ttft_p50_ms"), offl.get("ttft_p50_ms")
+    goals.append(goal("prefix_cache_ttft_speedup", f"TTFT p50 with a {sys_label}, prefix cache off over on, same "
+                      "load", toff / ton if ton and toff else None,
+                      *GEN_GOALS["prefix_cache_ttft_speedup"],
+                      f"{toff or 0:.0f} vs {ton or 0:.0f} ms at {gen['rate_system']:.2f} req/s "
+                      f"({cfg.gen_system_load:g} of a cache-off request's service time, {on['sent']} requests each, "
+                      f"cache warmed by one request); the bound, before queueing, HTTP and the first decode step: "
+                      f"the prefill of the whole prompt ({off['full_tokens_mean']:.0f} tokens, "
+                      f"{1000 * off['prefill_full_s']:.0f} ms) over that of the part past the "
+                      f"{off['cached_tokens']} cached tokens"
+                      + (f" ({1000 * off['prefill_suffix_s']:.0f} ms): x{off['prefix_bound']:.2f}"
+                         if off["prefix_bound"] else ": none cached")))
+    over = [lv for lv in cont["levels"] if lv["load_fraction"] >= 1.5]
+    peak = max((lv["goodput_rps"] for lv in cont["levels"]), default=0)
+    goals.append(goal("gen_overload_goodput", "generation goodput (requests within the TTFT and TPOT SLO) at 1.5x "
+                      "and 2x capacity over the peak goodput, continuous batching",
+                      min(lv["goodput_rps"] for lv in over) / peak if over and peak else None,
+                      *GEN_GOALS["gen_overload_goodput"],
+                      (f"peak {peak:.2f} req/s; " + "; ".join(
+                          f"{lv['load_fraction']:g}x: {lv['goodput_rps']:.2f} req/s, {lv['refused']} of "
+                          f"{lv['sent']} refused, accepted TTFT p99 {lv.get('ttft_p99_ms') or 0:.0f} ms" for lv in over)
+                       + f"; at most {cfg.gen_max_queue} requests wait for a row") if over else "no level >= 1.5x"))
+    rej = [lv["reject_p99_ms"] for lv in over if lv["reject_p99_ms"] is not None]
+    goals.append(goal("gen_reject_p99_ms", "p99 time to a refusal of a completion at 1.5x and 2x capacity",
+                      max(rej) if rej else None,
+                      *GEN_GOALS["gen_reject_p99_ms"], "" if rej else "nothing was refused"))
+    notes.append(f"Generation load (open loop, Poisson arrivals, streamed greedy completions with usage): a fixed mix "
+                 f"of prompts of ~{off['prompt_tokens_mean']:.0f} tokens on average and at most "
+                 f"{off['max_tokens_mean']:.0f} new tokens on average (loadtest.GEN_MIX), on 1 replica x 1 pinned "
+                 f"thread behind nginx, the load generator and nginx on the same {os.cpu_count()} cores. TTFT counts from the scheduled send; "
+                 f"TPOT = (last - first token) / (completion tokens - 1); ITL = the gaps between stream events. "
+                 f"Goodput: requests with TTFT <= {cfg.gen_ttft_slo_ms:g} ms and TPOT <= "
+                 f"{cfg.gen_tpot_slo_ms:g} ms per second.")
+    for key in ("continuous", "one_at_a_time"):
+        for lv in gen[key]["levels"]:
+            if (lv["send_lag_p99_ms"] or 0) > 50:
+                notes.append(f"Generation, {labels[key]} at {lv['load_fraction']:g}x: the load generator fell "
+                             f"behind its schedule (send lag p99 {lv['send_lag_p99_ms']:.0f} ms).")
+    return rows, {"columns": list(GEN_UNITS), "units": GEN_UNITS, "rows": table}, goals, notes
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -472,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
             except (ValueError, OSError) as e:
                 notes.append(f"KV cache experiment on stories260k: {cfg.gen_model} did not load ({e})")
                 kv = kv_cache_latency("stories260k", cfg.kv_tokens)
-                cfg = dataclasses.replace(cfg, gen_model="stories260k")
+                cfg = dataclasses.replace(cfg, gen_model="stories260k", gen_quant="")
             extra["kv_cache"] = kv
             for key, label in (("kv_ms", "static KV cache"), ("no_kv_ms", "no cache (prefix recomputed)")):
                 rows.append(_row("generation", f"{cfg.gen_model}, {label}", 1000 / kv[key][-1],
@@ -492,10 +774,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"served: batch-1, {shape}")
         with Served("batch1", main_cluster, served_settings(cfg, max_batch_size=1)) as s:
-            served["batch1"] = sweep_experiment(s, wl, cfg, [x for x in levels if x <= 1.0], seed=1)
+            served["batch1"] = embeddings_sweep(s, wl, cfg, [x for x in levels if x <= 1.0], seed=1)
         log(f"served: dynamic batching, {shape}" + (", then SIGKILL a replica under load" * (cfg.replicas > 1)))
         with Served("dynamic", main_cluster, dynamic) as s:
-            served["dynamic"] = sweep_experiment(s, wl, cfg, levels, seed=2)
+            served["dynamic"] = embeddings_sweep(s, wl, cfg, levels, seed=2)
             served["cache_off"] = cache_experiment(s, cfg, texts, seed=3)
             if cfg.replicas > 1:
                 # N+1 provisioning: a load the other replicas carry without the killed one, so a failure
@@ -513,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         if alt != shape:
             log(f"served: dynamic batching, {alt}")
             with Served("alt", cluster_config(cfg, 1, cfg.replicas * cfg.threads, pin=False), dynamic) as s:
-                served["alt"] = sweep_experiment(s, wl, cfg, [0.5, 0.75, 1.0], seed=4)
+                served["alt"] = embeddings_sweep(s, wl, cfg, [0.5, 0.75, 1.0], seed=4)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -557,6 +839,28 @@ def main(argv: list[str] | None = None) -> int:
                          k["level"]["achieved_rps"], None, k["level"]["p50_ms"], k["level"]["p99_ms"], k["failed"],
                          detail=f"{k['failed']} failed of {k['sent']}; replica back in "
                                 f"{k['recovered_s'] or float('nan'):.1f} s"))
+
+    # 5. generation load ------------------------------------------------------------------------------
+    gen_goals = []
+    if cfg.gen_model and cfg.gen_load:
+        log("generation: the generator alone (decode batch 1 vs batched, prefill)")
+        try:
+            off = offline_generation(gen_settings(cfg), loadtest.GenWorkload(texts), cfg.gen_system_tokens, 1)
+            extra["generation_offline"] = off
+            try:
+                gen = generation_experiment(cfg, texts, off, log)
+                extra["generation"] = gen
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                notes.append(f"Generation load test failed: {e}")
+                gen = None
+            gen_rows, table, gen_goals, gen_notes = generation_results(cfg, off, gen, goal)
+            rows += gen_rows
+            notes += gen_notes
+            if table:
+                extra["tables"] = {"generation": table}
+        except (ValueError, OSError) as e:
+            notes.append(f"Generation load test skipped: {e}")
 
     # goals ------------------------------------------------------------------------------------------
     ceiling = ceil[cfg.embed_dtype]["texts_per_s"]
@@ -615,14 +919,13 @@ def main(argv: list[str] | None = None) -> int:
     goals.append(goal("failed_requests_on_replica_kill", f"client-visible failures, SIGKILL of 1 of {cfg.replicas} "
                       "replicas under steady embeddings + search load", k and k["failed"], 0, "==",
                       f"of {k['sent']} requests" if k else "needs --replicas >= 2"))
+    goals += gen_goals
     notes += [
         f"Load generator (open loop, Poisson arrivals, latency from the scheduled send time) on the same "
         f"{os.cpu_count()} cores as the service; 1 text per embeddings request, WordNet passages.",
         f"Overload is refused with 429 + Retry-After: by nginx past {main_cluster.max_inflight} requests in flight per "
         f"replica (limit_conn; the replica never sees them), and by a replica past {cfg.max_queue} queued texts. "
         f"Replicas run at nice {cfg.nice} so the load generator keeps the CPU a client on its own machine has.",
-        "Continuous vs request-level batching for generation is not compared here (the service has the "
-        "continuous one only).",
     ]
     for lv in over:   # a client behind its own schedule measures itself as much as the service
         if (lv["send_lag_p99_ms"] or 0) > 50:
@@ -645,8 +948,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(record: dict, docs_dir: Path) -> list[Path]:
-    """docs/serve_latency_throughput.png (p50/p99 vs achieved throughput per config) and
-    docs/serve_kv_cache.png (ms/token along the sequence, with and without the KV cache)."""
+    """docs/serve_latency_throughput.png (p50/p99 vs achieved throughput per config),
+    docs/serve_generation.png (output tokens/s and TTFT vs offered load, continuous batching vs one request
+    at a time) and docs/serve_kv_cache.png (ms/token along the sequence, with and without the KV cache)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -674,6 +978,30 @@ def plot(record: dict, docs_dir: Path) -> list[Path]:
         ax.set_title("Embeddings through nginx: latency vs throughput (open loop)")
         ax.legend(fontsize=7)
         out.append(save_figure(fig, docs_dir, "serve_latency_throughput.png"))
+    gen = (record.get("extra") or {}).get("generation")
+    if gen:
+        cfg = record["config"]
+        fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(10, 4))
+        for key, label, color in (("continuous", f"continuous batching ({cfg['gen_slots']} rows)", "tab:blue"),
+                                  ("one_at_a_time", "one request at a time", "tab:red")):
+            lv = [x for x in gen.get(key, {}).get("levels", []) if x.get("ttft_p50_ms") is not None]
+            if not lv:
+                continue
+            x = [v["offered_rps"] for v in lv]
+            ax_t.plot(x, [v["output_tok_s"] for v in lv], "o-", color=color, label=label)
+            ax_l.plot(x, [v["ttft_p99_ms"] for v in lv], "o-", color=color, label=f"{label} p99")
+            ax_l.plot(x, [v["ttft_p50_ms"] for v in lv], "o--", color=color, alpha=0.6, label=f"{label} p50")
+        ax_l.axhline(cfg["gen_ttft_slo_ms"], color="gray", lw=0.8, ls=":", label=f"SLO {cfg['gen_ttft_slo_ms']:g} ms")
+        ax_t.set_xlabel("offered load (completions/s, Poisson)")
+        ax_t.set_ylabel("output tokens/s")
+        ax_t.set_title(f"Generation ({cfg['gen_model']} {cfg['gen_quant'] or 'float'}): throughput")
+        ax_t.legend(fontsize=7)
+        ax_l.set_yscale("log")
+        ax_l.set_xlabel("offered load (completions/s, Poisson)")
+        ax_l.set_ylabel("time to first token (ms, from scheduled send)")
+        ax_l.set_title(f"Generation ({gen.get('deployment', '')}): TTFT")
+        ax_l.legend(fontsize=7)
+        out.append(save_figure(fig, docs_dir, "serve_generation.png"))
     kv = (record.get("extra") or {}).get("kv_cache")
     if kv:
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -1,5 +1,6 @@
 """The generation load test's pure parts (projects/serve/loadtest.py): reading a streamed completion's events,
-TTFT / TPOT / ITL from their times, the fixed workload mix, goodput under the TTFT + TPOT SLO. No model and no replica: one test streams scripted events from a local aiohttp server."""
+TTFT / TPOT / ITL from their times, the fixed workload mix, goodput under the TTFT + TPOT SLO; and the
+bench's at-SLO pick. No model and no replica: one test streams scripted events from a local aiohttp server."""
 from __future__ import annotations
 
 import asyncio
@@ -114,6 +115,19 @@ def test_goodput_needs_both_ttft_and_tpot_within_the_slo():
     assert s["output_tok_s"] == pytest.approx(8 * 5 / 20)
     assert s["prompt_tokens_mean"] == 20 and s["completion_tokens_mean"] == 5
     assert "ttft_p50_ms" not in summarize(res[-1:], 0.0, 1.0, 20.0, 2.0)   # no stream, no generation keys
+
+
+def test_at_slo_takes_the_best_level_within_every_limit():
+    from projects.serve.bench import at_slo
+    levels = [{"failed": 0, "ttft_p99_ms": 900, "tpot_p99_ms": 80, "output_tok_s": 50, "achieved_rps": 1},
+              {"failed": 0, "ttft_p99_ms": 1900, "tpot_p99_ms": 150, "output_tok_s": 90, "achieved_rps": 2},
+              {"failed": 0, "ttft_p99_ms": 2500, "tpot_p99_ms": 150, "output_tok_s": 120, "achieved_rps": 3},
+              {"failed": 2, "ttft_p99_ms": 1000, "tpot_p99_ms": 100, "output_tok_s": 130, "achieved_rps": 4},
+              {"failed": 0, "ttft_p99_ms": None, "tpot_p99_ms": None, "output_tok_s": 140, "achieved_rps": 5}]
+    limits = {"ttft_p99_ms": 2000, "tpot_p99_ms": 200}
+    assert at_slo(levels, limits, key="output_tok_s") == 90
+    assert at_slo(levels, {"tpot_p99_ms": 100}, key="output_tok_s") == 50
+    assert at_slo(levels, {"ttft_p99_ms": 10}) == 0.0
 
 
 def test_send_reads_token_times_and_usage_from_a_stream():
