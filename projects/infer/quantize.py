@@ -26,10 +26,12 @@ Schemes (each replaces `nn.Linear` modules; the model code never knows):
 - W8A8 dynamic (`W8A8Linear`): int8 per-channel weights and int8 activations quantized on the fly; optional
   SmoothQuant (`smoothquant_scales`, alpha = 0.5) divides activation channel j by
   s_j = max|x_j|^a / max|w_j|^(1-a) and multiplies the weight's column j by it. Kernel: `torch._int_mm`
-  (int8 x int8 -> int32) with per-token activation scales on CUDA and on CPUs with AMX int8; on other x86 CPUs
-  `_int_mm` has no vectorised path (far slower than fp32), so the CPU path is FBGEMM's
-  dynamic int8 linear (`quantized.linear_dynamic`: per-tensor uint8 activations, AVX2 `vpmaddubsw`, 7-bit
-  activation range to avoid its int16 saturation).
+  (int8 x int8 -> int32) with per-token activation scales on CUDA and on CPUs with AMX int8 or AVX-512 VNNI;
+  on AVX2-only x86 CPUs `_int_mm` has no vectorised path (far slower than fp32), so the CPU path there is
+  FBGEMM's dynamic int8 linear (`quantized.linear_dynamic`: per-tensor uint8 activations, AVX2 `vpmaddubsw`,
+  7-bit activation range to avoid its int16 saturation). Per-tensor activation scales cost SmolLM2 far more
+  perplexity than per-token ones (its activations have large per-token outliers): the quantization record
+  says which kernel ran on its machine.
 
 Checkpoints of quantized models: checkpoint.py.
 
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import random
 import warnings
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -230,10 +231,14 @@ class Int4Linear(nn.Module):
 
 
 # ---------------------------------------------------------------- W8A8 dynamic
-@lru_cache(maxsize=1)
-def _has_amx_int8() -> bool:
+def _int_mm_fast_on_cpu() -> bool:
+    """Whether this CPU has int8 dot-product instructions that `torch._int_mm`'s CPU path (oneDNN) uses: AMX
+    int8 or AVX-512 VNNI. Without them (AVX2 only) it has no vectorised path."""
     from common.provenance import cpu_flags
-    return "amx_int8" in cpu_flags()
+    return bool({"amx_int8", "avx512_vnni"} & set(cpu_flags()))
+
+
+INT_MM_FAST = _int_mm_fast_on_cpu()   # read once: a compiled W8A8 forward sees a constant, not a file read
 
 
 class W8A8Linear(nn.Module):
@@ -266,7 +271,7 @@ class W8A8Linear(nn.Module):
     def _use_int_mm(self, x) -> bool:
         if self.kernel != "auto":
             return self.kernel == "int_mm"
-        return x.device.type == "cuda" or _has_amx_int8()
+        return x.device.type == "cuda" or INT_MM_FAST
 
     def forward(self, x):
         shape = x.shape
