@@ -299,8 +299,7 @@ def _lib_group(model, gs: int) -> int:
 
 def _hf_row(model, tok, ids, words, cfg, device) -> dict:
     """TTFT / decode tok/s through HF generate (fastest default: dynamic cache), ppl, sample."""
-    row = {"bytes": sum(t.numel() * t.element_size() for t in
-                        {p.data_ptr(): p for p in list(model.parameters()) + list(model.buffers())}.values())}
+    row = {"bytes": Q.model_bytes(model)}
     row.update(ppl_both(logits_fn(model), ids.to(device), words, cfg))
     prompt = ids[None, :cfg.prompt_len].to(device)
     reset_peak_memory(device)

@@ -414,13 +414,26 @@ def calibration_ids(tok, n_samples: int = 32, seq_len: int = 256, source: str = 
     return torch.stack([ids[s:s + seq_len] for s in starts])
 
 
+def _storage(t: torch.Tensor):
+    """The tensors that hold t's bytes: t itself, or the inner tensors of a wrapper subclass (torchao's
+    quantized weights report data_ptr() 0 and the logical shape, not their int8/int4 storage)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    if is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _storage(getattr(t, name))
+    else:
+        yield t
+
+
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and persistent buffers, shared tensors counted once (no KV cache)."""
+    """Bytes of all parameters and persistent buffers, shared tensors counted once (no KV cache); tensor
+    subclasses (torchao) counted by their inner storage."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "cache" not in n
-                                         and n != "inv_freq"]:
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+    for p in list(model.parameters()) + [b for n, b in model.named_buffers() if "cache" not in n
+                                         and not n.endswith("inv_freq")]:
+        for t in _storage(p):
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
     return total
