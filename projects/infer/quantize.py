@@ -35,8 +35,8 @@ Schemes (each replaces `nn.Linear` modules; the model code never knows):
 
 Checkpoints of quantized models: checkpoint.py.
 
-Calibration data (`calibration_ids`): random windows of tiny-shakespeare (default) or WikiText-2 *valid*,
-never WikiText-2 test, which perplexity is reported on.
+Calibration data (`calibration_ids`): random windows of tiny-shakespeare (default), WikiText-2 *valid* or
+WordNet glosses, never WikiText-2 test, which perplexity is reported on.
 """
 from __future__ import annotations
 
@@ -390,12 +390,22 @@ def smoothquant_scales(model: Transformer, ids: torch.Tensor, alpha: float = 0.5
 
 
 # ---------------------------------------------------------------- calibration data
+WORDNET_PASSAGES = 20000  # a seeded sample of the ~166k glosses/examples: ~0.3M tokens, as many as the other two
+
+
 def calibration_text(source: str = "tinyshakespeare") -> str:
-    """Calibration / QAT text: tiny-shakespeare or WikiText-2 *valid* (never the test split)."""
+    """Calibration / QAT / distillation text: tiny-shakespeare, WikiText-2 *valid* or WordNet glosses and
+    examples (a seeded sample of WORDNET_PASSAGES, one per line; Debian wordnet-base) -- never WikiText-2
+    test, which perplexity is reported on."""
+    if source == "wordnet":
+        from projects.serve.index import wordnet_passages  # FileNotFoundError naming the package when absent
+        passages = [t for t, _ in wordnet_passages()]
+        random.Random(0).shuffle(passages)
+        return "\n".join(passages[:WORDNET_PASSAGES])
     files = {"tinyshakespeare": assets_root() / "text" / "tinyshakespeare.txt",
              "wikitext2-valid": assets_root() / "text" / "wikitext-2" / "valid.txt"}
     if source not in files:
-        raise ValueError(f"unknown calibration source {source!r}; choose {', '.join(files)} "
+        raise ValueError(f"unknown calibration source {source!r}; choose {', '.join(files)}, wordnet "
                          "(WikiText-2 test is what perplexity is reported on, so it is never used)")
     path = files[source]
     if not path.is_file():
