@@ -22,7 +22,7 @@ INDEX_DIR ?= runs/serve/index
 BENCH_INDEX_DIR ?= runs/serve/index-100k
 export BENCH_INDEX_LIMIT ?= 100000
 
-.PHONY: help env setup setup-bench llamacpp system-deps test test-fast bench bench-train bench-infer bench-quant bench-serve report \
+.PHONY: help env setup setup-bench llamacpp system-deps test test-fast bench bench-train bench-infer bench-quant bench-compress bench-serve report \
 	train-check index serve serve-stop clean-env
 
 help: ## list targets
@@ -55,7 +55,7 @@ test: setup ## set up what is missing, then run the whole test suite (CPU, offli
 test-fast: setup ## the suite without tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: setup-bench ## set up what is missing, run every bench, rewrite README tables and docs/*.png
+bench: setup-bench ## set up what is missing, run every bench (benchmarks.record.BENCHES: train, infer, quant, compress, serve, hardening), rewrite README tables and docs/*.png
 	$(BIN)/python -m benchmarks.run all
 
 bench-train: setup ## training bench only (then rewrites README)
@@ -66,6 +66,9 @@ bench-infer: setup ## inference benches: float (ours vs HF) and quantization (th
 
 bench-quant: setup ## quantization bench only (then rewrites README)
 	$(BIN)/python -m benchmarks.run quant
+
+bench-compress: setup ## pruning + distillation + int4/int8 bench only (then rewrites README)
+	$(BIN)/python -m benchmarks.run compress
 
 bench-serve: setup-bench ## serving bench only (then rewrites README)
 	$(BIN)/python -m benchmarks.run serve

@@ -32,11 +32,13 @@ from common.provenance import provenance
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 # bench name (= results/<name>.json) -> the module that measures it (and may define `plot(rec, docs_dir)`).
-# `quant` is project 2's second bench: the quantization table beside `infer`'s float one.
+# `quant` is project 2's second bench: the quantization table beside `infer`'s float one; `compress` its third
+# (pruning + distillation + quantization), after `quant`, whose record it compares against.
 BENCHES = {
     "train": "projects.train.bench",
     "infer": "projects.infer.bench",
     "quant": "projects.infer.bench_quant",
+    "compress": "projects.infer.bench_compress",
     "serve": "projects.serve.bench",
     "hardening": "projects.serve.bench_hardening",
 }

@@ -1,10 +1,10 @@
-"""Run benches and rewrite the README tables: `python -m benchmarks.run all|train|infer|quant|serve [--full]`.
+"""Run benches and rewrite the README tables: `python -m benchmarks.run all|train|infer|quant|compress|serve [--full]`.
 
-Each bench is a module (`benchmarks.record.BENCHES`: `python -m projects.<project>.bench` and the
-quantization table `projects.infer.bench_quant`), run in its own process (a clean peak-RSS counter, its own
-thread settings), writing benchmarks/results/<name>.json; then `benchmarks.report` rewrites README.md and
-docs/*.png from whatever records exist. A bench whose file does not exist yet is skipped with a message;
-an unknown name is an error (exit 2).
+Each bench is a module (`benchmarks.record.BENCHES`: `python -m projects.<project>.bench`, the quantization
+table `projects.infer.bench_quant` and the compression one `projects.infer.bench_compress`), run in its own
+process (a clean peak-RSS counter, its own thread settings), writing benchmarks/results/<name>.json; then
+`benchmarks.report` rewrites README.md and docs/*.png from whatever records exist. A bench whose file does
+not exist yet is skipped with a message; an unknown name is an error (exit 2).
 """
 from __future__ import annotations
 

@@ -114,7 +114,8 @@ def test_offline_has_one_reading(monkeypatch, value, on):
 
 @pytest.mark.parametrize("module", [
     "projects.train.train", "projects.train.bench", "projects.infer.generate", "projects.infer.eval",
-    "projects.infer.bench", "projects.infer.bench_quant", "projects.serve.cluster", "projects.serve.index",
+    "projects.infer.bench", "projects.infer.bench_quant", "projects.infer.bench_compress", "projects.infer.distill",
+    "projects.serve.cluster", "projects.serve.index",
     "projects.serve.loadtest", "projects.serve.bench"])
 def test_every_entry_point_parses_with_common_config(module, capsys):
     def status(argv):   # main() returns its exit status, or parse() exits with it

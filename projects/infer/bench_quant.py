@@ -120,9 +120,11 @@ def time_prefill_compiled(model, ids, cfg, device) -> float:
 
 
 @torch.no_grad()
-def time_ours(model, ids, cfg, device, compiled: bool = False) -> dict:
-    """Median TTFT (prefill of prompt_len) and decode tokens/s over repeats, after a warm-up."""
-    step = torch.compile(decode_step, fullgraph=True) if compiled else decode_step
+def time_ours(model, ids, cfg, device, compiled: bool = False, decode_fn=None, keep_cache: bool = False) -> dict:
+    """Median TTFT (prefill of prompt_len) and decode tokens/s over repeats, after a warm-up. decode_fn: the
+    step to time (e.g. generate.compile_decode(), the fast path); keep_cache: leave the KV cache allocated, so
+    a later call reuses it and a compiled step is not recompiled (calls interleaved over models)."""
+    step = decode_fn or (torch.compile(decode_step, fullgraph=True) if compiled else decode_step)
     model.setup_caches(1, min(model.args.max_seq_len, cfg.prompt_len + cfg.decode_tokens + 64))
     prompt = ids[None, :cfg.prompt_len].to(device)
     ttft, tps = [], []
@@ -143,7 +145,8 @@ def time_ours(model, ids, cfg, device, compiled: bool = False) -> dict:
         if r:
             ttft.append(t1 - t0)
             tps.append(n / (t2 - t1))
-    model.remove_caches()
+    if not keep_cache:
+        model.remove_caches()
     return {"ttft_ms": 1e3 * sorted(ttft)[len(ttft) // 2], "tok_per_s": sorted(tps)[len(tps) // 2]}
 
 
