@@ -51,7 +51,7 @@ from common.timing import timed
 from projects.serve import loadtest
 from projects.serve.procs import port_free
 from projects.serve.settings import Settings
-from projects.serve.supervisor import ClusterConfig
+from projects.serve.cluster import ClusterConfig
 
 KILL_LOAD = 0.3   # offered load of the SIGKILL experiment, as a fraction of the deployment's capacity
 STANDIN_APP = "projects.serve.standin:create_app"

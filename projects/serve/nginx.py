@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from projects.serve.supervisor import ClusterConfig
+    from projects.serve.cluster import ClusterConfig
 
 TEMPLATE = Path(__file__).with_name("nginx.conf.template")
 

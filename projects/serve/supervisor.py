@@ -1,6 +1,6 @@
-"""The supervisor behind `python -m projects.serve.cluster` (cluster.py is its command line): ClusterConfig,
-nginx's config rendered from nginx.conf.template, and `Cluster`, which owns the replica processes, nginx and
-optionally redis-server, restarts what dies and rolls restarts through nginx without dropping a request.
+"""The supervisor behind `python -m projects.serve.cluster` (cluster.py is its command line and
+ClusterConfig): `Cluster`, which owns the replica processes, nginx and optionally redis-server, restarts what
+dies and rolls restarts through nginx without dropping a request.
 """
 from __future__ import annotations
 
@@ -15,74 +15,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.env import REPO_ROOT
 from common.files import write_atomic
 from projects.serve.nginx import nginx_cmd, nginx_test, render_nginx
 from projects.serve.procs import cmdline, http_ok, port_free, start_time
 
-
-
-@dataclass
-class ClusterConfig:
-    app: str = "projects.serve.app:create_app"
-    """the ASGI app factory each replica runs (module:function, `uvicorn --factory`)"""
-    host: str = "127.0.0.1"
-    """address nginx listens on; any other than loopback needs API keys (SERVE_API_KEYS_FILE) or --open"""
-    open: bool = False
-    """serve /v1/* without API keys on a non-loopback --host (a trusted network)"""
-    port: int = 8000
-    """port nginx listens on: the service's address"""
-    replica_port: int = 8101
-    """first replica port; replicas take replica_port, replica_port+1, ... (127.0.0.1 only)"""
-    replicas: int = 2
-    """replicas to start (and the autoscaler's minimum)"""
-    max_replicas: int = 0
-    """> replicas turns the autoscaler on, which scales between replicas and this"""
-    threads: int = 1
-    """intra-op threads per replica (OMP_NUM_THREADS, MKL_NUM_THREADS, SERVE_THREADS)"""
-    pin: bool = False
-    """pin each replica to its own `threads` cores with taskset (round robin over the machine's cores)"""
-    run_dir: str = "runs/serve/cluster"
-    """logs, rendered nginx.conf, PID files, cluster.json"""
-    nginx: str = "nginx"
-    """the nginx binary"""
-    worker_processes: int = 1
-    """nginx worker processes (1 is plenty for loopback: it proxies, the replicas compute)"""
-    max_fails: int = 1
-    """passive health check: failures within fail_timeout_s before nginx skips a replica"""
-    fail_timeout_s: int = 2
-    """passive health check: how long a failed replica is skipped"""
-    next_upstream_tries: int = 3
-    """at most this many replicas tried per request"""
-    max_inflight: int = 64
-    """front-door admission: embeddings + search requests nginx lets through at once, per ready replica;
-    past it nginx itself answers 429 + Retry-After in microseconds and the replicas never see the excess
-    (0 = no limit at nginx; the replicas' bounded queues still refuse, but each refusal costs their event loop)"""
-    nice: int = 0
-    """scheduling niceness of the replicas (the serving bench uses 10: its load generator shares the cores,
-    and a client's CPU is not the server's to take)"""
-    graceful_s: int = 30
-    """on SIGTERM a replica drains in-flight requests for up to this long (uvicorn --timeout-graceful-shutdown)"""
-    ready_timeout_s: float = 300.0
-    """a replica not answering /readyz by then is killed and started again"""
-    max_start_failures: int = 3
-    """a replica that dies this many times in a row before getting ready: with no replica ready this stops the
-    cluster (a crash loop at start); with others serving it is retried with backoff (up to 5 min) and a
-    rolling restart's replacement is given up, the old replica kept"""
-    redis_port: int = 0
-    """> 0: start redis-server on 127.0.0.1:this (shared embedding cache) and pass REDIS_URL to replicas;
-    0 with REDIS_URL=redis://127.0.0.1:PORT/.. set and nothing listening there: start it on PORT"""
-    detach: bool = False
-    """up: run the supervisor in the background and return once the service answers"""
-
-    def resolved_run_dir(self) -> Path:
-        p = Path(self.run_dir)
-        return p if p.is_absolute() else (REPO_ROOT / p).resolve()
-
-    def admitted(self, replicas_up: int) -> int | None:
-        """Requests nginx lets through at once with this many replicas up (None: no front-door limit)."""
-        return self.max_inflight * max(1, replicas_up) if self.max_inflight > 0 else None
+if TYPE_CHECKING:
+    from projects.serve.cluster import ClusterConfig
 
 
 # --------------------------------------------------------------------------------------------------------

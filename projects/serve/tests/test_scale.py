@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from common.env import missing
-from projects.serve import autoscale, cluster, loadtest, nginx, procs, supervisor
+from projects.serve import autoscale, cluster, loadtest, nginx, procs
 
 REPO = Path(__file__).resolve().parents[3]
 HAVE_NGINX = shutil.which("nginx") is not None
@@ -50,7 +50,7 @@ def free_range(n: int) -> int:
 # --------------------------------------------------------------------------------------------------------
 # nginx template
 def test_nginx_template_renders_with_the_routing_rules(tmp_path):
-    cfg = supervisor.ClusterConfig(port=18000, next_upstream_tries=3)
+    cfg = cluster.ClusterConfig(port=18000, next_upstream_tries=3)
     text = nginx.render_nginx(cfg, tmp_path, [(18101, True), (18102, False)])
     assert "{{" not in text and "least_conn;" in text
     assert "server 127.0.0.1:18101 max_fails=1 fail_timeout=2s;" in text
@@ -69,7 +69,7 @@ def test_nginx_template_renders_with_the_routing_rules(tmp_path):
     # front-door admission on the idempotent routes, scaled by the replicas that are up (1 of 2 here)
     assert "limit_conn inflight 64;" in idem and "error_page 429 = @overloaded;" in idem
     assert "add_header Retry-After 1 always;" in blocks["@overloaded"]
-    off = nginx.render_nginx(supervisor.ClusterConfig(max_inflight=0), tmp_path, [(18101, True)])
+    off = nginx.render_nginx(cluster.ClusterConfig(max_inflight=0), tmp_path, [(18101, True)])
     assert "limit_conn inflight" not in off
     with pytest.raises(ValueError):
         nginx.render_nginx(cfg, tmp_path, [])
@@ -77,7 +77,7 @@ def test_nginx_template_renders_with_the_routing_rules(tmp_path):
 
 @pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
 def test_nginx_accepts_the_rendered_config(tmp_path):
-    cfg = supervisor.ClusterConfig(port=free_port())
+    cfg = cluster.ClusterConfig(port=free_port())
     (tmp_path / "nginx-tmp").mkdir()
     (tmp_path / "nginx.conf").write_text(nginx.render_nginx(cfg, tmp_path, [(18101, True), (18102, True)]))
     nginx.nginx_test(cfg, tmp_path)   # raises with nginx's message if rejected
@@ -91,7 +91,7 @@ def test_nginx_accepts_the_rendered_config(tmp_path):
 def test_nginx_own_errors_answer_in_the_apps_json_shape(tmp_path):
     """No replica reachable (502), a body over nginx's limit (413): JSON like the app's errors, not HTML."""
     import httpx
-    cfg = supervisor.ClusterConfig(port=free_port())
+    cfg = cluster.ClusterConfig(port=free_port())
     (tmp_path / "nginx-tmp").mkdir()
     dead = free_range(2)
     (tmp_path / "nginx.conf").write_text(nginx.render_nginx(cfg, tmp_path, [(dead, True), (dead + 1, True)]))
@@ -489,7 +489,7 @@ def test_up_waits_until_nginx_itself_routes_to_the_replicas():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        cfg = supervisor.ClusterConfig(host="0.0.0.0", port=srv.server_address[1])
+        cfg = cluster.ClusterConfig(host="0.0.0.0", port=srv.server_address[1])
         assert not cluster._front_answers(cfg)       # 502
         assert not cluster._front_answers(cfg)       # 200 then 502: not yet
         assert cluster._front_answers(cfg)           # three in a row

@@ -9,7 +9,8 @@ import errno
 import pytest
 
 from projects.serve import supervisor
-from projects.serve.supervisor import Cluster, ClusterConfig, Replica
+from projects.serve.cluster import ClusterConfig
+from projects.serve.supervisor import Cluster, Replica
 
 
 class FakeProc:
