@@ -306,27 +306,35 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& qs, const at::Ten
 }
 
 // ---- the tiles back to a dense (n, K) weight in the activation dtype, for prefill's GEMM: w = d q (+ m) in fp32,
-// then cast (as blockquant.py's torch path does). One pass, threaded over tiles; each (tile, block) is widened
-// into a stack buffer in its stored order, then read back row by row.
+// then cast (as blockquant.py's torch path does). One pass, threaded over tiles; each (tile, block) is first
+// unpacked into a (row, column) buffer, so that the scale-and-cast loop runs over 32 contiguous values per row
+// and vectorizes (reading the stored (column pair, row, e) order directly is a gather per value).
 template <bool Q4, typename T>
 void dequant_tile(const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t G, int64_t K, int64_t rows, T* out) {
-  int16_t pq[16][TILE][2];   // (column pair, row, e)
-  int16_t* flat = &pq[0][0][0];
+  using Q = std::conditional_t<Q4, uint8_t, int8_t>;
+  alignas(64) Q pr[TILE][QK];   // (row, column) of one (tile, block)
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* p = qs + g * block_bytes<Q4>();
-    if constexpr (Q4) {
-      for (int i = 0; i < 256; ++i) {
-        flat[i] = p[i] & 0x0F;
-        flat[256 + i] = p[i] >> 4;
+    // stored as (column pair c, row j) byte pairs: a (16 x 16) transpose of 16-bit pairs into (row, pair); a q4
+    // byte's low nibble is column pair c, its high nibble pair c + 8
+    const uint16_t* u = reinterpret_cast<const uint16_t*>(p);
+    for (int j = 0; j < TILE; ++j) {
+      uint16_t* r = reinterpret_cast<uint16_t*>(pr[j]);
+      if constexpr (Q4) {
+        for (int c = 0; c < 8; ++c) {
+          const uint16_t v = u[c * TILE + j];
+          r[c] = v & 0x0F0F;
+          r[c + 8] = (v >> 4) & 0x0F0F;
+        }
+      } else {
+        for (int c = 0; c < 16; ++c) r[c] = u[c * TILE + j];
       }
-    } else {
-      for (int i = 0; i < 512; ++i) flat[i] = static_cast<int8_t>(p[i]);
     }
     for (int64_t j = 0; j < std::min(rows, TILE); ++j) {
       const float dj = h2f(d[g * TILE + j]), mj = Q4 ? h2f(m[g * TILE + j]) : 0.f;
       T* o = out + j * K + g * QK;
-      for (int c = 0; c < 16; ++c)
-        for (int e = 0; e < 2; ++e) o[2 * c + e] = static_cast<T>(pq[c][j][e] * dj + mj);
+      const Q* q = pr[j];
+      for (int k = 0; k < QK; ++k) o[k] = static_cast<T>(static_cast<float>(q[k]) * dj + mj);
     }
   }
 }
