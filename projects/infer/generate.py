@@ -94,7 +94,7 @@ def prefill(model: Transformer, idx, key_valid):
         slots = torch.arange(key_valid.shape[1], device=idx.device)
         causal = slots <= input_pos[:, None]                                          # (T, S)
         mask = (causal & (key_valid[:, None, :] | (slots == input_pos[:, None])))[:, None]  # (B, 1, T, S)
-    return model(idx, input_pos, mask)[:, -1]
+    return model(idx, input_pos, mask, last_only=True, kv_len=None if mask is not None else T)[:, -1]
 
 
 @torch.no_grad()

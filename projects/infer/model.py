@@ -163,6 +163,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)                     # (B, nkv, S, hd)
+            S = mask.shape[-1]                                               # a prefill's kv_len, else all
+            k, v = k[:, :, :S], v[:, :, :S]
             # grouped-query attention without copying the cache: the `rep` query heads that share a kv
             # head become rep*T query rows of that head (rows ordered rep-major, so the mask repeats)
             qg = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim)       # (B, nkv, rep*T, hd)
@@ -237,21 +239,25 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab) in fp32."""
+                mask: torch.Tensor | None = None, last_only: bool = False, kv_len: int | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab) in fp32. For a prefill: last_only gives (B, 1, vocab), the
+        last position's only (the head is a large share of a long prompt's work); kv_len (> every input_pos)
+        attends over the first kv_len cache slots instead of all of them (a long cache, a short prompt)."""
         B, T = idx.shape
         if input_pos is None:
             if self.max_seq_length:
                 raise ValueError("a model with a KV cache needs input_pos")
             input_pos = torch.arange(T, device=idx.device)
         elif mask is None:  # causal over cache slots (or over the T tokens without a cache)
-            slots = torch.arange(self.max_seq_length or T, device=idx.device)
+            slots = torch.arange(kv_len or self.max_seq_length or T, device=idx.device)
             mask = slots <= input_pos[..., None]                                         # (B|., T, S)
             mask = mask[:, None] if input_pos.dim() == 2 else mask[None, None]            # (B|1, 1, T, S)
         x = self.tok_embeddings(idx)                                                     # (B, T, dim)
         cos, sin = self.rope(input_pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask)
+        if last_only:
+            x = x[:, -1:]                                                                # (B, 1, dim)
         return self.output(self.norm(x)).float()
 
 

@@ -184,7 +184,8 @@ class GenerationEngine:
             n = self.prefix.load(chain, r.row) if chain else 0
             ids = torch.tensor([r.prompt_ids[n:]], dtype=torch.long, device=self.device)       # (1, T - n)
             with _row_view(self.model, r.row):
-                logits = self.model(ids, torch.arange(n, len(r.prompt_ids), device=self.device))[:, -1]
+                logits = self.model(ids, torch.arange(n, len(r.prompt_ids), device=self.device),
+                                    last_only=True, kv_len=len(r.prompt_ids))[:, -1]
             if self.prefix is not None:
                 self.prefix.store(r.prompt_ids, r.row, chain)
         finally:

@@ -97,6 +97,26 @@ def test_kv_cache_equals_full_recompute(stories):
 
 
 @torch.no_grad()
+def test_prefill_last_only_and_kv_len_give_the_same_logits_and_cache(stories):
+    """A prefill that computes only the last position's logits and attends over only the slots in use gives the
+    full pass's last logits and writes the same K/V; the decode step after it sees the same cache."""
+    model, tok = stories
+    ids = ids_of(tok, "Once upon a time there was a little girl")
+    T = ids.shape[1]
+    model.setup_caches(1, 256)
+    full = model(ids, torch.arange(T))
+    k_full = model.layers[-1].attention.kv_cache.k_cache[:, :, :T].clone()
+    nxt_full = model(full[:, -1:].argmax(-1), torch.tensor([T]))
+    model.setup_caches(1, 256)
+    last = model(ids, torch.arange(T), last_only=True, kv_len=T)
+    assert last.shape == (1, 1, full.shape[-1])
+    torch.testing.assert_close(last[:, -1], full[:, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.layers[-1].attention.kv_cache.k_cache[:, :, :T], k_full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(last.argmax(-1), torch.tensor([T])), nxt_full, atol=1e-5, rtol=0)
+    model.remove_caches()
+
+
+@torch.no_grad()
 def test_left_padded_batch_equals_each_row_alone(stories):
     model, tok = stories
     prompts = ["Once upon a time", "The cat sat on the mat and", "Lily"]
