@@ -92,20 +92,22 @@ def load_components(s: Settings):
 
 def make_engine(s: Settings):
     import torch
-    from common.device import get_device
+    from common.device import fast_dtype, get_device
     from projects.infer.model import load
     from projects.serve.engine import GenerationEngine
     from projects.infer import blockquant, quantize
     from projects.infer.gemv import use_gemv
-    dtype = torch.bfloat16 if s.gen_dtype == "bf16" else torch.float32
+    device = get_device(s.device)
+    dtype_name = fast_dtype(device) if s.gen_dtype == "auto" else s.gen_dtype
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     # quantized from fp32 masters (a bf16 copy would move the weights off a GGUF's grid), then cast
-    model, tok = load(s.gen_model, get_device(s.device), torch.float32 if s.gen_quant else dtype)
+    model, tok = load(s.gen_model, device, torch.float32 if s.gen_quant else dtype)
     schemes = {"int8": quantize.quantize_int8, "int4": quantize.quantize_int4, "q4_1": blockquant.quantize_q4_1,
                "q8_0": blockquant.quantize_q8_0}
     if s.gen_quant:
         model = schemes[s.gen_quant](model).to(dtype)
     use_gemv(model)  # the decode steps' float linears on the GEMV kernel (bf16 on AVX-512 CPUs; else unchanged)
-    version = f"{s.gen_model}/{s.gen_quant or 'float'}/{s.gen_dtype}"   # what the prefix cache's K/V depend on
+    version = f"{s.gen_model}/{s.gen_quant or 'float'}/{dtype_name}"   # what the prefix cache's K/V depend on
     return GenerationEngine(model, tok, n_slots=s.gen_slots, max_queue=s.gen_max_queue, max_seq_len=s.gen_ctx,
                             prefix_cache_bytes=s.gen_prefix_cache_mb << 20, version=version, model_id=s.gen_model)
 

@@ -50,8 +50,9 @@ class Settings:
     gen_model: str = "smollm2-135m"
     """generator for /v1/completions and /v1/chat/completions (projects.infer names: smollm2-135m, stories260k;
     a HF folder); empty = disabled"""
-    gen_dtype: Literal["fp32", "bf16"] = "fp32"
-    """generator weights dtype: fp32 or bf16"""
+    gen_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """generator activations and KV cache (and float weights): auto = bf16 where it runs in hardware
+    (common.device.fast_dtype: a GPU, AVX-512 BF16 or AMX; prefill's GEMMs), else fp32"""
     gen_quant: Literal["", "int8", "int4", "q4_1", "q8_0"] = "q4_1"
     """quantize the generator's linears: "", int8 (weight-only), int4 (g128), or llama.cpp's q4_1 / q8_0 blocks
     (projects.infer.blockquant: the C++ decode kernels). q4_1 by default: the quant record's fastest path whose
