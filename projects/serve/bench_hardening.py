@@ -7,7 +7,10 @@ service ends up answering and nothing else was killed or deleted. This runs exac
 pytest process, and records per fault: passed / failed / skipped (with pytest's reason), and seconds. The
 goal `faults_survived` is the count that passed; every fault must. A skipped fault (a Debian package
 missing) counts as not survived: it was not shown. Then `auth_fuzz`: requests with missing, malformed, altered,
-random and revoked API keys against every /v1 route; goal `unauthorized_requests_served` == 0.
+random and revoked API keys against every /v1 route; goal `unauthorized_requests_served` == 0. Then
+`replica_memory`: one replica started with deploy/k8s/deployment.yaml's settings, driven with the generation
+load (and full embedding batches, and one prompt near the context length), its process tree's peak RSS against
+the manifest's memory limit; goal `replica_rss_mb` <= 80% of it.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ FAULTS = {
         "projects/serve/tests/test_scale.py::test_replica_kill_rolling_restart_and_exact_stop",
 }
 UNITS = {"fault": "", "test": "", "outcome": "", "seconds": "s"}
+MANIFEST = REPO_ROOT / "deploy" / "k8s" / "deployment.yaml"
 COLUMNS = ["fault", "outcome", "seconds", "test"]
 
 
@@ -59,6 +63,13 @@ class HardeningConfig:
     """per-test timeout (pytest-timeout)"""
     auth_fuzz_requests: int = 600
     """requests with fuzzed Authorization headers (in process: the real app, MiniLM and stories260K)"""
+    memory_index_dir: str = "runs/serve/index-100k"
+    """the index the memory check's replica serves (the serving bench's; the image's full-corpus index is
+    accounted for by its extra vectors' bytes)"""
+    memory_load_s: float = 40.0
+    """seconds of generation load (with the shared system prompt, so the prefix cache fills) in the memory check"""
+    memory_port: int = 18731
+    """127.0.0.1 port of the memory check's replica"""
 
 
 def run_tests(tests: list[str], timeout_s: int) -> dict[str, tuple[str, float, str]]:
@@ -144,6 +155,98 @@ def auth_fuzz(n: int, seed: int = 0) -> dict:
             "routes": len(routes)}
 
 
+def manifest_replica() -> tuple[dict[str, str], int]:
+    """(the serve container's literal env values, its memory limit in bytes) from deploy/k8s/deployment.yaml."""
+    import yaml
+    units = {"Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}
+    for doc in yaml.safe_load_all(MANIFEST.read_text()):
+        if doc and doc.get("kind") == "Deployment":
+            c = doc["spec"]["template"]["spec"]["containers"][0]
+            env = {e["name"]: str(e["value"]) for e in c.get("env", []) if "value" in e}
+            lim = str(c["resources"]["limits"]["memory"])
+            unit = next((u for u in sorted(units, key=len, reverse=True) if lim.endswith(u)), "")
+            return env, int(float(lim.removesuffix(unit)) * units.get(unit, 1))
+    raise ValueError(f"no Deployment in {MANIFEST}")
+
+
+def tree_peak_rss(pid: int) -> int:
+    """Sum of VmHWM (peak resident set) over a process and its descendants: an upper bound of the tree's peak
+    (the processes' peaks need not coincide), which is what a container's memory limit counts."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += 1024 * int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:")))
+            for t in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (t / "children").read_text().split()]
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total
+
+
+def replica_memory(cfg: HardeningConfig) -> dict:
+    """One replica (`uvicorn --factory`) with the manifest's SERVE_* settings, driven past its capacity: the
+    generation mix after a shared system prompt (every KV row busy, the prefix cache filling), one prompt near
+    gen_ctx (prefill's largest activations), full embedding batches; then its process tree's peak RSS."""
+    import asyncio
+    import os
+    import subprocess
+    from projects.serve import loadtest
+    from projects.serve.index import wordnet_passages
+    from projects.serve.procs import http_ok
+    from projects.serve.settings import Settings
+    manifest_env, limit = manifest_replica()
+    index = Path(cfg.memory_index_dir)
+    index = index if index.is_absolute() else REPO_ROOT / index
+    if not (index / "index.faiss").is_file():
+        raise FileNotFoundError(f"{index} has no index: `make setup-bench` builds it")
+    env = {**os.environ, **manifest_env, "SERVE_INDEX_DIR": str(index)}
+    port = cfg.memory_port
+    log = open(tempfile.mkstemp(prefix="hardening-replica-", suffix=".log")[1], "w")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "projects.serve.app:create_app",
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        t0 = time.monotonic()
+        while not http_ok(f"http://127.0.0.1:{port}/readyz"):
+            if proc.poll() is not None or time.monotonic() - t0 > 600:
+                raise RuntimeError(f"the replica did not get ready (log: {log.name})")
+            time.sleep(1)
+        ready_rss = tree_peak_rss(proc.pid)
+        texts = loadtest.load_texts("wordnet", 4000)
+        ctx = Settings.from_env(env).gen_ctx
+
+        async def drive() -> dict:
+            async with loadtest.make_client(f"http://127.0.0.1:{port}", timeout_s=600) as client:
+                long = loadtest.words_from(texts, 0, int(0.65 * ctx))   # ~1.3 tokens a word: near gen_ctx
+                r_long = await loadtest.send(client, "completions", "/v1/completions",
+                                             {"prompt": long, "max_tokens": 8, "temperature": 0.0}, 0.0, 600)
+                emb = loadtest.Workload(texts, {"embeddings": 1.0}, texts_per_request=32)
+                s_emb, _ = await loadtest.run_level(client, emb, 4.0, 5.0, timeout_s=120)
+                gen = loadtest.GenWorkload(texts, system=loadtest.system_prompt(texts, 300))
+                s_gen, res = await loadtest.run_level(client, gen, 3.0, cfg.memory_load_s, timeout_s=600)
+                return {"long_prompt_status": r_long.status, "embedding_requests": s_emb["sent"],
+                        "generation_requests": s_gen["sent"],
+                        "generation_ok": sum(r.status == "200" for r in res)}
+        load = asyncio.run(drive())
+        peak = tree_peak_rss(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    n_full = len(wordnet_passages())
+    n_index = sum(1 for _ in open(index / "docs.jsonl"))
+    per_vector = sum(f.stat().st_size for f in (index / "index.faiss", index / "docs.jsonl")) / max(n_index, 1)
+    extra = max(0, n_full - n_index) * per_vector
+    return {"limit_bytes": limit, "ready_peak_rss_bytes": ready_rss, "peak_rss_bytes": peak,
+            "index_vectors": n_index, "full_corpus_vectors": n_full, "full_index_extra_bytes": extra,
+            "manifest_env": manifest_env, "gen_ctx": ctx, **load}
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.record import goal, make_record, write_record
     cfg = config.parse(HardeningConfig, argv, prog="python -m projects.serve.bench_hardening",
@@ -165,8 +268,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fuzz['requests']} fuzzed (missing, malformed, altered, random and revoked keys) over "
                   f"{fuzz['routes']} /v1 routes", fuzz["served"], 0, "==",
                   note=f"control: the valid key was answered on {fuzz['valid_key_answered']} of {fuzz['routes']} routes")]
+    mem = replica_memory(cfg)
+    worst = (mem["peak_rss_bytes"] + mem["full_index_extra_bytes"]) / 2 ** 20
+    goals.append(goal("replica_rss_mb", "peak RSS (MiB) of a replica's process tree at deploy/k8s's settings after "
+                      "the generation load, plus the full-corpus index's extra vectors", worst,
+                      round(0.8 * mem["limit_bytes"] / 2 ** 20), "<=",
+                      note=f"80% of the manifest's memory limit ({mem['limit_bytes'] / 2 ** 30:g} GiB); measured "
+                           f"{mem['peak_rss_bytes'] / 2 ** 20:.0f} MiB with the {mem['index_vectors']:,}-vector "
+                           f"bench index ({mem['ready_peak_rss_bytes'] / 2 ** 20:.0f} MiB when ready), + "
+                           f"{mem['full_index_extra_bytes'] / 2 ** 20:.0f} MiB for the image's "
+                           f"{mem['full_corpus_vectors']:,}; load: a {mem['gen_ctx']}-context prompt "
+                           f"({mem['long_prompt_status']}), {mem['embedding_requests']} batches of 32 texts, "
+                           f"{mem['generation_requests']} completions over a shared system prompt "
+                           f"({mem['generation_ok']} answered 200, the rest refused by the bounded queue)"))
     rec = make_record("hardening", cfg, rows, goals, units=UNITS, columns=COLUMNS, notes=notes,
-                      extra={"pytest_wall_s": round(time.perf_counter() - t0, 1), "auth_fuzz": fuzz})
+                      extra={"pytest_wall_s": round(time.perf_counter() - t0, 1), "auth_fuzz": fuzz,
+                             "replica_memory": mem})
     path = write_record(rec)
     print(f"{survived}/{len(rows)} faults survived; wrote {path}")
     return 0

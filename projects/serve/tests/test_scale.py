@@ -536,6 +536,30 @@ def test_nginx_refuses_past_max_inflight_without_waiting(tmp_path):
                        capture_output=True, timeout=60)
 
 
+def test_the_memory_check_reads_the_manifest_and_a_process_trees_peak(tmp_path):
+    """bench_hardening's replica_rss_mb inputs: the Deployment's literal env and memory limit in bytes, and the
+    peak RSS summed over a process and its children (a child holding 200 MB counts)."""
+    import yaml
+    from projects.serve.bench_hardening import manifest_replica, tree_peak_rss
+    env, limit = manifest_replica()
+    dep = next(d for f in (REPO / "deploy" / "k8s").glob("*.yaml") for d in yaml.safe_load_all(f.read_text())
+               if d and d["kind"] == "Deployment")
+    mem = dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert mem.endswith("Gi") and limit == int(mem[:-2]) * 2 ** 30
+    assert env["SERVE_GEN_QUANT"] and "SERVE_API_KEYS" not in env     # a secretKeyRef is not a literal value
+    code = "b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(30)"
+    alone = tree_peak_rss(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 20
+        while tree_peak_rss(os.getpid()) < alone + (150 << 20) and time.time() < deadline:
+            time.sleep(0.2)
+        assert tree_peak_rss(os.getpid()) >= alone + (150 << 20)
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_dockerfile_and_k8s_manifests_match_the_app():
     import yaml
     from projects.serve.middleware import Metrics
