@@ -185,6 +185,23 @@ def tree_peak_rss(pid: int) -> int:
     return total
 
 
+def tree_pss(pid: int) -> int:
+    """Sum of Pss (proportional set size: a shared page split among its sharers) over a process and its
+    descendants now: what the tree's resident pages cost once each, as a container's memory counts them (the
+    replica and its embedding worker map the same torch libraries; VmHWM counts them in both)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+            total += 1024 * int(next(ln.split()[1] for ln in rollup.splitlines() if ln.startswith("Pss:")))
+            for t in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (t / "children").read_text().split()]
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total
+
+
 def replica_memory(cfg: HardeningConfig) -> dict:
     """One replica (`uvicorn --factory`) with the manifest's SERVE_* settings, driven past its capacity: the
     generation mix after a shared system prompt (every KV row busy, the prefix cache filling), one prompt near
@@ -209,28 +226,43 @@ def replica_memory(cfg: HardeningConfig) -> dict:
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         t0 = time.monotonic()
+        pss = [0]                                  # the largest sampled tree PSS, start-up included
         while not http_ok(f"http://127.0.0.1:{port}/readyz"):
             if proc.poll() is not None or time.monotonic() - t0 > 600:
                 raise RuntimeError(f"the replica did not get ready (log: {log.name})")
-            time.sleep(1)
-        ready_rss = tree_peak_rss(proc.pid)
+            pss[0] = max(pss[0], tree_pss(proc.pid))
+            time.sleep(0.25)
+        ready_rss, ready_pss = tree_peak_rss(proc.pid), max(pss[0], tree_pss(proc.pid))
         texts = loadtest.load_texts("wordnet", 4000)
-        ctx = Settings.from_env(env).gen_ctx
+        st = Settings.from_env(env)
+
+        async def sample():
+            while True:
+                pss[0] = max(pss[0], tree_pss(proc.pid))
+                await asyncio.sleep(0.25)
 
         async def drive() -> dict:
+            sampler = asyncio.create_task(sample())
             async with loadtest.make_client(f"http://127.0.0.1:{port}", timeout_s=600) as client:
-                long = loadtest.words_from(texts, 0, int(0.65 * ctx))   # ~1.3 tokens a word: near gen_ctx
-                r_long = await loadtest.send(client, "completions", "/v1/completions",
-                                             {"prompt": long, "max_tokens": 8, "temperature": 0.0}, 0.0, 600)
+                # the longest prompt the replica takes: max_chars characters, shortened until it fits gen_ctx
+                long, r_long = loadtest.words_from(texts, 0, st.max_chars)[:st.max_chars], None
+                for _ in range(8):
+                    r_long = await loadtest.send(client, "completions", "/v1/completions",
+                                                 {"prompt": long, "max_tokens": 8, "temperature": 0.0}, 0.0, 600)
+                    if r_long.status != "400":
+                        break
+                    long = long[:int(0.85 * len(long))]
                 emb = loadtest.Workload(texts, {"embeddings": 1.0}, texts_per_request=32)
                 s_emb, _ = await loadtest.run_level(client, emb, 4.0, 5.0, timeout_s=120)
                 gen = loadtest.GenWorkload(texts, system=loadtest.system_prompt(texts, 300))
                 s_gen, res = await loadtest.run_level(client, gen, 3.0, cfg.memory_load_s, timeout_s=600)
-                return {"long_prompt_status": r_long.status, "embedding_requests": s_emb["sent"],
-                        "generation_requests": s_gen["sent"],
-                        "generation_ok": sum(r.status == "200" for r in res)}
+            sampler.cancel()
+            return {"long_prompt_status": r_long.status, "long_prompt_chars": len(long),
+                    "embedding_requests": s_emb["sent"], "generation_requests": s_gen["sent"],
+                    "generation_ok": sum(r.status == "200" for r in res)}
         load = asyncio.run(drive())
         peak = tree_peak_rss(proc.pid)
+        ctx = st.gen_ctx
     finally:
         proc.terminate()
         try:
@@ -243,6 +275,7 @@ def replica_memory(cfg: HardeningConfig) -> dict:
     per_vector = sum(f.stat().st_size for f in (index / "index.faiss", index / "docs.jsonl")) / max(n_index, 1)
     extra = max(0, n_full - n_index) * per_vector
     return {"limit_bytes": limit, "ready_peak_rss_bytes": ready_rss, "peak_rss_bytes": peak,
+            "ready_pss_bytes": ready_pss, "peak_pss_bytes": pss[0],
             "index_vectors": n_index, "full_corpus_vectors": n_full, "full_index_extra_bytes": extra,
             "manifest_env": manifest_env, "gen_ctx": ctx, **load}
 
@@ -269,18 +302,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fuzz['routes']} /v1 routes", fuzz["served"], 0, "==",
                   note=f"control: the valid key was answered on {fuzz['valid_key_answered']} of {fuzz['routes']} routes")]
     mem = replica_memory(cfg)
-    worst = (mem["peak_rss_bytes"] + mem["full_index_extra_bytes"]) / 2 ** 20
-    goals.append(goal("replica_rss_mb", "peak RSS (MiB) of a replica's process tree at deploy/k8s's settings after "
-                      "the generation load, plus the full-corpus index's extra vectors", worst,
-                      round(0.8 * mem["limit_bytes"] / 2 ** 20), "<=",
-                      note=f"80% of the manifest's memory limit ({mem['limit_bytes'] / 2 ** 30:g} GiB); measured "
-                           f"{mem['peak_rss_bytes'] / 2 ** 20:.0f} MiB with the {mem['index_vectors']:,}-vector "
-                           f"bench index ({mem['ready_peak_rss_bytes'] / 2 ** 20:.0f} MiB when ready), + "
-                           f"{mem['full_index_extra_bytes'] / 2 ** 20:.0f} MiB for the image's "
-                           f"{mem['full_corpus_vectors']:,}; load: a {mem['gen_ctx']}-context prompt "
-                           f"({mem['long_prompt_status']}), {mem['embedding_requests']} batches of 32 texts, "
+    extra_mib = mem["full_index_extra_bytes"] / 2 ** 20
+    worst = mem["peak_pss_bytes"] / 2 ** 20 + extra_mib
+    goals.append(goal("replica_rss_mb", "peak memory (MiB) of a replica's process tree at deploy/k8s's settings "
+                      "through start-up and the generation load: the largest sampled sum of PSS, plus the "
+                      "full-corpus index's extra vectors", worst, round(0.8 * mem["limit_bytes"] / 2 ** 20), "<=",
+                      note=f"80% of the manifest's memory limit ({mem['limit_bytes'] / 2 ** 30:g} GiB); PSS sampled "
+                           f"every 0.25 s: {mem['peak_pss_bytes'] / 2 ** 20:.0f} MiB peak "
+                           f"({mem['ready_pss_bytes'] / 2 ** 20:.0f} MiB up to ready) with the "
+                           f"{mem['index_vectors']:,}-vector bench index, + {extra_mib:.0f} MiB for the image's "
+                           f"{mem['full_corpus_vectors']:,}; upper bound, VmHWM summed over the processes (shared "
+                           f"pages counted in each): {mem['peak_rss_bytes'] / 2 ** 20:.0f} MiB "
+                           f"({mem['ready_peak_rss_bytes'] / 2 ** 20:.0f} MiB when ready); load: a "
+                           f"{mem['long_prompt_chars']:,}-character prompt (HTTP {mem['long_prompt_status']}; "
+                           f"gen_ctx {mem['gen_ctx']}), {mem['embedding_requests']} batches of 32 texts, "
                            f"{mem['generation_requests']} completions over a shared system prompt "
-                           f"({mem['generation_ok']} answered 200, the rest refused by the bounded queue)"))
+                           f"({mem['generation_ok']} answered 200)"))
     rec = make_record("hardening", cfg, rows, goals, units=UNITS, columns=COLUMNS, notes=notes,
                       extra={"pytest_wall_s": round(time.perf_counter() - t0, 1), "auth_fuzz": fuzz,
                              "replica_memory": mem})

@@ -540,7 +540,7 @@ def test_the_memory_check_reads_the_manifest_and_a_process_trees_peak(tmp_path):
     """bench_hardening's replica_rss_mb inputs: the Deployment's literal env and memory limit in bytes, and the
     peak RSS summed over a process and its children (a child holding 200 MB counts)."""
     import yaml
-    from projects.serve.bench_hardening import manifest_replica, tree_peak_rss
+    from projects.serve.bench_hardening import manifest_replica, tree_peak_rss, tree_pss
     env, limit = manifest_replica()
     dep = next(d for f in (REPO / "deploy" / "k8s").glob("*.yaml") for d in yaml.safe_load_all(f.read_text())
                if d and d["kind"] == "Deployment")
@@ -555,6 +555,7 @@ def test_the_memory_check_reads_the_manifest_and_a_process_trees_peak(tmp_path):
         while tree_peak_rss(os.getpid()) < alone + (150 << 20) and time.time() < deadline:
             time.sleep(0.2)
         assert tree_peak_rss(os.getpid()) >= alone + (150 << 20)
+        assert tree_pss(os.getpid()) >= (150 << 20)       # the child's private pages, now
     finally:
         child.kill()
         child.wait()
