@@ -169,37 +169,38 @@ def manifest_replica() -> tuple[dict[str, str], int]:
     raise ValueError(f"no Deployment in {MANIFEST}")
 
 
-def tree_peak_rss(pid: int) -> int:
-    """Sum of VmHWM (peak resident set) over a process and its descendants: an upper bound of the tree's peak
-    (the processes' peaks need not coincide), which is what a container's memory limit counts."""
-    total, todo = 0, [pid]
+def _tree(pid: int):
+    """A process and its descendants (from /proc/<pid>/task/*/children), those still alive."""
+    todo = [pid]
     while todo:
         p = todo.pop()
         try:
-            status = Path(f"/proc/{p}/status").read_text()
-            total += 1024 * int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:")))
             for t in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (t / "children").read_text().split()]
-        except (OSError, StopIteration, ValueError):
+        except (OSError, ValueError):
             continue
-    return total
+        yield p
+
+
+def _kib(path: str, field: str) -> int:
+    """A `Field:  N kB` line of a /proc file, in bytes (0 if the process is gone)."""
+    try:
+        return 1024 * int(next(ln.split()[1] for ln in Path(path).read_text().splitlines() if ln.startswith(field)))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def tree_peak_rss(pid: int) -> int:
+    """Sum of VmHWM (peak resident set) over a process and its descendants: an upper bound of the tree's peak
+    (the processes' peaks need not coincide, and pages they share count in each)."""
+    return sum(_kib(f"/proc/{p}/status", "VmHWM:") for p in _tree(pid))
 
 
 def tree_pss(pid: int) -> int:
     """Sum of Pss (proportional set size: a shared page split among its sharers) over a process and its
     descendants now: what the tree's resident pages cost once each, as a container's memory counts them (the
     replica and its embedding worker map the same torch libraries; VmHWM counts them in both)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
-            total += 1024 * int(next(ln.split()[1] for ln in rollup.splitlines() if ln.startswith("Pss:")))
-            for t in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (t / "children").read_text().split()]
-        except (OSError, StopIteration, ValueError):
-            continue
-    return total
+    return sum(_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in _tree(pid))
 
 
 def replica_memory(cfg: HardeningConfig) -> dict:
