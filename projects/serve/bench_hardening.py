@@ -10,7 +10,10 @@ missing) counts as not survived: it was not shown. Then `auth_fuzz`: requests wi
 random and revoked API keys against every /v1 route; goal `unauthorized_requests_served` == 0. Then
 `replica_memory`: one replica started with deploy/k8s/deployment.yaml's settings, driven with the generation
 load (and full embedding batches, and one prompt near the context length), its process tree's peak RSS against
-the manifest's memory limit; goal `replica_rss_mb` <= 80% of it.
+the manifest's memory limit; goal `replica_rss_mb` <= 80% of it. Last `slow_clients`: normal clients at half
+capacity through nginx, alone and beside 200 connections trickling request bodies (slowclients.py); goal
+`slow_client_goodput` >= 0.95, their goodput with the slow connections over without, the slow ones answered
+408 by the body deadline.
 """
 from __future__ import annotations
 
@@ -18,8 +21,11 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from common import config
 from common.env import REPO_ROOT
@@ -70,6 +76,14 @@ class HardeningConfig:
     """seconds of generation load (with the shared system prompt, so the prefix cache fills) in the memory check"""
     memory_port: int = 18731
     """127.0.0.1 port of the memory check's replica"""
+    slow_connections: int = 200
+    """slow clients: connections trickling request bodies at 1 byte/s (projects/serve/slowclients.py)"""
+    slow_level_s: float = 15.0
+    """seconds of each open-loop level of normal clients at half capacity, with and without the slow ones"""
+    slow_rounds: int = 2
+    """levels of each kind, interleaved (without, with, without, with): the goal compares their medians"""
+    slow_port: int = 18740
+    """nginx port of the slow-client check's cluster (its replicas take the next ones)"""
 
 
 def run_tests(tests: list[str], timeout_s: int) -> dict[str, tuple[str, float, str]]:
@@ -281,6 +295,58 @@ def replica_memory(cfg: HardeningConfig) -> dict:
             "manifest_env": manifest_env, "gen_ctx": ctx, **load}
 
 
+def slow_clients(cfg: HardeningConfig) -> dict:
+    """The serving bench's embeddings deployment (nginx, 2 replicas, dynamic batching, its index): capacity
+    (closed loop), then open-loop levels of normal clients at half of it, alternately alone and beside
+    `slow_connections` connections from another address that trickle request bodies (slowclients.py, its
+    own process, started a few seconds before the level so that its connections are already in place)."""
+    import asyncio
+    import dataclasses
+    import json
+    import subprocess
+
+    from common.device import fast_dtype
+    from projects.serve import bench, loadtest
+    bcfg = dataclasses.replace(bench.BenchConfig(), embed_dtype=fast_dtype(), port=cfg.slow_port)
+    texts = loadtest.load_texts("wordnet", bcfg.pool, seed=0)
+    wl = loadtest.Workload(texts, {"embeddings": 1.0})
+    settings = bench.served_settings(bcfg, max_batch_size=bcfg.max_batch_size)
+    head_s = 3.0
+    levels, attacks = [], []
+    with bench.Served("slow-clients", bench.cluster_config(bcfg, bcfg.replicas, bcfg.threads), settings) as s:
+        cap = asyncio.run(bench._capacity(s, wl, bcfg, seed=7))
+        for i in range(2 * cfg.slow_rounds):
+            slow = i % 2 == 1
+            proc = None
+            if slow:
+                out = s.run_dir / f"slowclients-{i}.json"
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "projects.serve.slowclients", "--url", s.url, "--connections",
+                     str(cfg.slow_connections), "--seconds", str(head_s + cfg.slow_level_s + 1), "--out", str(out)],
+                    cwd=REPO_ROOT)
+                time.sleep(head_s)
+
+            async def level(seed=10 + i):
+                async with loadtest.make_client(s.url) as c:
+                    return await loadtest.run_level(c, wl, 0.5 * cap, cfg.slow_level_s, slo_ms=bcfg.slo_ms,
+                                                    seed=seed)
+            summary, _ = asyncio.run(level())
+            summary["slow_clients"] = slow
+            levels.append(summary)
+            print(f"[slow-clients] {'with   ' if slow else 'without'} {loadtest.format_row(summary)}",
+                  file=sys.stderr, flush=True)
+            if proc is not None:
+                proc.wait(timeout=head_s + cfg.slow_level_s + 60)
+                attacks.append(json.loads(out.read_text()))
+            time.sleep(1.0)
+        body_timeout_s = settings.body_timeout_s
+    med = lambda slow: float(np.median([lv["goodput_rps"] for lv in levels if lv["slow_clients"] == slow]))  # noqa: E731
+    return {"capacity_rps": cap, "rate_rps": 0.5 * cap, "levels": levels, "slow": attacks,
+            "goodput_without": med(False), "goodput_with": med(True), "body_timeout_s": body_timeout_s,
+            "per_address_limit": bench.cluster_config(bcfg, bcfg.replicas, bcfg.threads).admitted(bcfg.replicas),
+            "deployment": bench.deployment(bcfg.replicas, bcfg.threads), "embed_dtype": bcfg.embed_dtype}
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.record import goal, make_record, write_record
     cfg = config.parse(HardeningConfig, argv, prog="python -m projects.serve.bench_hardening",
@@ -319,9 +385,25 @@ def main(argv: list[str] | None = None) -> int:
                            f"gen_ctx {mem['gen_ctx']}), {mem['embedding_requests']} batches of 32 texts, "
                            f"{mem['generation_requests']} completions over a shared system prompt "
                            f"({mem['generation_ok']} answered 200)"))
+    sc = slow_clients(cfg)
+    answered = sum((Counter(a["answered"]) for a in sc["slow"]), Counter())
+    cut = [a["answer_s"].get("408", {}) for a in sc["slow"]]
+    held = sum(a["held_past_limit"] for a in sc["slow"])
+    goals.append(goal("slow_client_goodput", f"goodput of normal clients at 0.5x capacity through nginx beside "
+                      f"{cfg.slow_connections} connections trickling request bodies at 1 byte/s, over the same "
+                      f"level without them (medians of {cfg.slow_rounds} interleaved levels each)",
+                      sc["goodput_with"] / sc["goodput_without"], 0.95, ">=",
+                      note=f"{sc['deployment']}, {sc['embed_dtype']}, capacity {sc['capacity_rps']:.0f} req/s, "
+                           f"levels at {sc['rate_rps']:.0f} req/s: goodput {sc['goodput_without']:.1f} without, "
+                           f"{sc['goodput_with']:.1f} with; the slow connections (from another address, nginx "
+                           f"admitting {sc['per_address_limit']} in flight per address): answered "
+                           f"{dict(sorted(answered.items()))}, the 408s "
+                           f"(body_timeout_s {sc['body_timeout_s']:g}) after at most "
+                           f"{max((c.get('max') or 0) for c in cut):.1f} s, {held} held past "
+                           f"{sc['slow'][0]['held_limit_s']:g} s unanswered" if answered else "the slow clients got no answer"))
     rec = make_record("hardening", cfg, rows, goals, units=UNITS, columns=COLUMNS, notes=notes,
                       extra={"pytest_wall_s": round(time.perf_counter() - t0, 1), "auth_fuzz": fuzz,
-                             "replica_memory": mem})
+                             "replica_memory": mem, "slow_clients": sc})
     path = write_record(rec)
     print(f"{survived}/{len(rows)} faults survived; wrote {path}")
     return 0

@@ -81,9 +81,11 @@ class ClusterConfig:
     next_upstream_tries: int = 3
     """at most this many replicas tried per request"""
     max_inflight: int = 64
-    """front-door admission: embeddings + search requests nginx lets through at once, per ready replica;
-    past it nginx itself answers 429 + Retry-After in microseconds and the replicas never see the excess
-    (0 = no limit at nginx; the replicas' bounded queues still refuse, but each refusal costs their event loop)"""
+    """front-door admission: requests one client address may have in flight through nginx at once, per ready
+    replica; past it nginx itself answers 429 + Retry-After in microseconds and the replicas never see the
+    excess. Per address, not one shared count: nginx counts a request from its headers on, so under one shared
+    count a client trickling request bodies would hold every slot (0 = no limit at nginx; the replicas'
+    bounded queues still refuse, but each refusal costs their event loop)"""
     nice: int = 0
     """scheduling niceness of the replicas (the serving bench uses 10: its load generator shares the cores,
     and a client's CPU is not the server's to take)"""
@@ -106,7 +108,7 @@ class ClusterConfig:
         return p if p.is_absolute() else (REPO_ROOT / p).resolve()
 
     def admitted(self, replicas_up: int) -> int | None:
-        """Requests nginx lets through at once with this many replicas up (None: no front-door limit)."""
+        """Requests nginx lets one client address have in flight with this many replicas up (None: no limit)."""
         return self.max_inflight * max(1, replicas_up) if self.max_inflight > 0 else None
 
 

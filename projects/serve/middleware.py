@@ -1,9 +1,10 @@
 """What wraps every request of a serving replica: the errors and the one mapping from error to status, the
-Prometheus metrics, the ASGI middleware (timing headers, metrics, the body-size limit), and the watch
+Prometheus metrics, the ASGI middleware (timing headers, metrics, the body size limit and deadline), and the watch
 for a client that disconnects while its request waits.
 
 Errors map to statuses in `error_response` alone: 422 malformed or invalid input, 400 a prompt longer than
-the context (OpenAI's context_length_exceeded), 404 an unknown model, 413 over a size limit, 503 (or 429,
+the context (OpenAI's context_length_exceeded), 404 an unknown model, 413 over a size limit, 408 a body not
+received within Settings.body_timeout_s (a trickling client; the connection is closed), 503 (or 429,
 Settings.overload_status) + Retry-After when a queue is full or a request waited past its deadline, 503 when
 not ready, 404 for a route this deployment does not serve; 401 (no valid API key) and 429 (a key over its rate limit) come from the middleware before the
 body is read. A 500 means a bug, never bad input.
@@ -101,6 +102,8 @@ def error_response(exc: Exception, settings: Settings) -> JSONResponse:
         return _err(status, str(exc), "overloaded", {"Retry-After": str(int(math.ceil(exc.retry_after_s)))})
     if isinstance(exc, Unavailable):
         return _err(503, str(exc), "unavailable", {"Retry-After": "5"})
+    if isinstance(exc, StarletteHTTPException) and exc.status_code == 408:
+        return _err(408, str(exc.detail), "request_timeout", exc.headers)
     if isinstance(exc, StarletteHTTPException):
         return _err(exc.status_code, str(exc.detail), "http_error", getattr(exc, "headers", None))
     log.exception("internal error", exc_info=exc)
@@ -170,13 +173,26 @@ class ServeMiddleware:
             self._observe(route, 413, t0)
             return
         seen = [0]
+        body_s = self.settings.body_timeout_s
+        body_end = [time.monotonic() + body_s if body_s > 0 else None]   # None once the body is in
 
         async def receive_limited():
-            msg = await receive()
+            # until the body is complete each read waits only for what is left of body_timeout_s; after it,
+            # receive is left alone (unless_disconnected waits on it for the whole request)
+            if body_end[0] is None:
+                msg = await receive()
+            else:
+                try:
+                    msg = await asyncio.wait_for(receive(), body_end[0] - time.monotonic())
+                except TimeoutError:   # an HTTPException: FastAPI turns anything else raised here into a 400
+                    raise StarletteHTTPException(408, f"request body not received within {body_s:g} s",
+                                                 {"Connection": "close"}) from None
             if msg["type"] == "http.request":
                 seen[0] += len(msg.get("body", b""))
-                if seen[0] > limit:  # an HTTPException: FastAPI turns anything else raised here into a 400
+                if seen[0] > limit:
                     raise StarletteHTTPException(413, f"request body over {limit} bytes")
+                if not msg.get("more_body", False):
+                    body_end[0] = None
             return msg
 
         async def send_timed(msg):

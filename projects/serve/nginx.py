@@ -34,8 +34,8 @@ def render_nginx(cfg: ClusterConfig, run_dir: Path, servers: list[tuple[int, boo
         "stream_read_timeout_s": "300",
         "next_upstream_tries": str(cfg.next_upstream_tries),
         "next_upstream_timeout_s": "30",
-        # one shared counter (zone) for the whole server, so the limit holds across nginx workers
-        "inflight_limit": (f"limit_conn inflight {cfg.admitted(sum(up for _, up in servers))};"
+        # per client address, in a zone shared by nginx's workers (the zone is in the template)
+        "inflight_limit": (f"limit_conn perclient {cfg.admitted(sum(up for _, up in servers))};"
                            if cfg.admitted(1) else "# no front-door limit (--max-inflight 0)"),
     }
     text = TEMPLATE.read_text()

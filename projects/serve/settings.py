@@ -97,6 +97,10 @@ class Settings:
     """most search results (413 beyond)"""
     max_body_bytes: int = 4 << 20
     """largest request body (413 beyond)"""
+    body_timeout_s: float = 10.0
+    """longest a client may take to send a request body, from its headers on (408 and the connection closed
+    beyond; 0 = no limit): uvicorn and nginx time out only a stalled read, so a body trickled a byte at a time
+    would otherwise hold its connection for as long as its Content-Length lasts"""
     api_keys_file: str = ""
     """file of accepted API keys as `sha256:<hex> [name]` lines (python -m projects.serve.auth makes one),
     re-read when it changes; with this or api_keys set, /v1/* routes need `Authorization: Bearer <key>`"""

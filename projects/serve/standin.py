@@ -7,7 +7,9 @@ measures with it what the HTTP path alone carries on the same cores (load genera
 384-float JSON vector per answer): a ceiling of served throughput that no model work could raise.
 
 An embeddings request waits `STANDIN_WORK_S` seconds (default 0.05; 0 answers at once) as if a batch were
-computing; texts starting "slow" wait 0.2 s, and "fail" is answered 503 + Retry-After.
+computing; texts starting "slow" wait 0.2 s, and "fail" is answered 503 + Retry-After. The app's own
+middleware wraps it (SERVE_* settings from the environment: its body size limit and body deadline, timing
+headers, metrics), so what nginx meets at a replica's door is the real app's.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from projects.serve.middleware import VectorJSON
+from projects.serve.middleware import Metrics, ServeMiddleware, VectorJSON
+from projects.serve.settings import Settings
 
 DIM = 384   # the served model's (all-MiniLM-L6-v2): a response as large as the real one
 
@@ -78,4 +81,5 @@ def create_app() -> FastAPI:
     async def metrics():
         return PlainTextResponse(f"# TYPE serve_queue_depth gauge\nserve_queue_depth{{queue=\"embed\"}} "
                                  f"{state['inflight']}\n")
+    app.add_middleware(ServeMiddleware, settings=Settings.from_env(), metrics=Metrics())
     return app

@@ -151,6 +151,40 @@ def test_bad_input_statuses(embedder):
         assert "x-total-time" in r.headers
 
 
+def test_a_trickled_body_is_cut_at_body_timeout_s_and_a_slow_one_within_it_is_served(embedder):
+    """A byte every 0.2 s is never a stalled read (what uvicorn and nginx time out), so only a deadline on
+    the whole body cuts it: 408 in the app's error shape, `Connection: close`, about body_timeout_s after the
+    headers. A body sent in pieces that all arrive within the deadline is served, and so is the next request."""
+    import time
+
+    async def trickle():
+        yield b'{"input": "'
+        while True:                    # never finishes: only the deadline ends it
+            await asyncio.sleep(0.2)
+            yield b"a"
+
+    async def in_pieces():
+        for piece in (b'{"input": ', b'"slow but in time"', b"}"):
+            yield piece
+            await asyncio.sleep(0.3)
+
+    async def main():
+        app = create_app(settings(body_timeout_s=1.5), embedder=embedder)
+        async with running(app) as c:
+            hdr = {"content-type": "application/json"}
+            t0 = time.perf_counter()
+            cut = await c.post("/v1/embeddings", content=trickle(), headers=hdr)
+            cut_s = time.perf_counter() - t0
+            slow = await c.post("/v1/embeddings", content=in_pieces(), headers=hdr)
+            after = await c.post("/v1/embeddings", json={"input": "next"})
+        return cut, cut_s, slow, after
+    cut, cut_s, slow, after = asyncio.run(main())
+    assert cut.status_code == 408 and cut.json()["error"]["type"] == "request_timeout", cut.text
+    assert cut.headers["connection"] == "close"
+    assert 1.5 <= cut_s < 3.0, cut_s
+    assert slow.status_code == 200 and after.status_code == 200
+
+
 def test_full_queue_answers_503_with_retry_after(embedder):
     import threading
     gate = threading.Event()

@@ -10,6 +10,7 @@ the same replica kill on the real app (`failed_requests_on_replica_kill`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -66,11 +67,16 @@ def test_nginx_template_renders_with_the_routing_rules(tmp_path):
     assert "proxy_buffering off;" in comp and "non_idempotent" not in comp
     # non_idempotent nowhere but the idempotent routes
     assert sum("non_idempotent;" in b for b in blocks.values()) == 1
-    # front-door admission on the idempotent routes, scaled by the replicas that are up (1 of 2 here)
-    assert "limit_conn inflight 64;" in idem and "error_page 429 = @overloaded;" in idem
+    # front-door admission for every route, per client address, scaled by the replicas that are up (1 of 2)
+    server = text.split("server {", 1)[1].split("location ", 1)[0]
+    assert "limit_conn perclient 64;" in server and "limit_conn_zone $binary_remote_addr zone=perclient" in text
+    assert "error_page 429 = @overloaded;" in idem and "error_page 429 = @overloaded;" in server
     assert "add_header Retry-After 1 always;" in blocks["@overloaded"]
+    # a body still arriving streams to the replica (whose body deadline cuts a trickle), on every proxied route
+    assert all("proxy_request_buffering off;" in blocks[k] for k in ("~ ^/v1/(embeddings|search)$",
+                                                                     "~ ^/v1/(chat/)?completions$", "/"))
     off = nginx.render_nginx(cluster.ClusterConfig(max_inflight=0), tmp_path, [(18101, True)])
-    assert "limit_conn inflight" not in off
+    assert "limit_conn perclient" not in off
     with pytest.raises(ValueError):
         nginx.render_nginx(cfg, tmp_path, [])
 
@@ -512,7 +518,7 @@ def test_nginx_refuses_past_max_inflight_without_waiting(tmp_path):
         r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "up", "--detach", *args], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=90)
         assert r.returncode == 0, r.stderr
-        assert "limit_conn inflight 2;" in (run_dir / "nginx.conf").read_text()
+        assert "limit_conn perclient 2;" in (run_dir / "nginx.conf").read_text()
         pid = _state(run_dir)["replicas"][0]["pid"]
         assert os.getpriority(os.PRIO_PROCESS, pid) == 5
 
@@ -534,6 +540,111 @@ def test_nginx_refuses_past_max_inflight_without_waiting(tmp_path):
     finally:
         subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
                        capture_output=True, timeout=60)
+
+
+def _trickle(sock: socket.socket, path: str = "/v1/embeddings", length: int = 1000) -> None:
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: serve\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {length}\r\n\r\n{{".encode())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
+def test_a_client_trickling_bodies_holds_only_its_own_share_and_is_cut(tmp_path):
+    """One client (127.0.0.2) trickles request bodies a byte at a time (never a stalled read) on as many
+    connections as nginx admits per address: its next request is refused at once (429), another client's
+    (127.0.0.1) are served as if nothing happened, and every trickle is answered 408 by the replica's body
+    deadline (SERVE_BODY_TIMEOUT_S) and its connection closed. Under one shared count the trickles would hold
+    every slot, and nothing would cut them."""
+    import select
+
+    import httpx
+    run_dir = tmp_path / "run"
+    port, base = free_port(), free_range(4)
+    args = ["--app", "projects.serve.standin:create_app", "--port", str(port), "--replica-port",
+            str(base), "--replicas", "1", "--run-dir", str(run_dir), "--max-inflight", "2", "--nice", "5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", SERVE_BODY_TIMEOUT_S="2")
+    slow: list[socket.socket] = []
+    try:
+        r = subprocess.run([sys.executable, "-m", "projects.serve.cluster", "up", "--detach", *args], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=90)
+        assert r.returncode == 0, r.stderr
+        t0 = time.monotonic()
+        for _ in range(2):
+            slow.append(socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0)))
+            _trickle(slow[-1])
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0)) as third:
+            third.sendall(b'POST /v1/embeddings HTTP/1.1\r\nHost: serve\r\nContent-Type: application/json\r\n'
+                          b'Content-Length: 13\r\n\r\n{"input":"x"}')
+            third.settimeout(2)
+            assert third.recv(4096).startswith(b"HTTP/1.1 429"), "a third request from the same address"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
+            others = [c.post("/v1/embeddings", json={"input": f"other {i}"}).status_code for i in range(6)]
+        assert others == [200] * 6, others
+        answers: dict[int, tuple[bytes, float]] = {}
+        closed: dict[int, float] = {}
+        while len(closed) < len(slow) and time.monotonic() - t0 < 20:
+            for i, sock in enumerate(slow):
+                if i in closed:
+                    continue
+                if i not in answers:
+                    with contextlib.suppress(OSError):
+                        sock.send(b"a")
+                if select.select([sock], [], [], 0)[0]:
+                    data = b""
+                    with contextlib.suppress(OSError):
+                        data = sock.recv(65536)
+                    if data and i not in answers:
+                        answers[i] = (data, time.monotonic() - t0)
+                    elif not data:
+                        closed[i] = time.monotonic() - t0
+            time.sleep(0.2)
+        assert sorted(answers) == [0, 1], answers
+        for data, at in answers.values():
+            # (the stand-in has FastAPI's error shape; test_app checks the app's)
+            assert data.startswith(b"HTTP/1.1 408") and b"not received within 2 s" in data, data[:300]
+            assert 2.0 <= at < 5.0, at
+        assert sorted(closed) == [0, 1] and max(closed.values()) < 15, closed
+    finally:
+        for sock in slow:
+            sock.close()
+        subprocess.run([sys.executable, "-m", "projects.serve.cluster", "down", *args], cwd=REPO,
+                       capture_output=True, timeout=60)
+
+
+def test_slowclients_keeps_its_connections_trickling_and_counts_what_the_server_did():
+    """slowclients.py against a server that answers 408 and closes 1 s after a connection's headers: every
+    connection trickles (the server sees bytes arrive a period apart), is counted once per answer with its
+    time, and is replaced; none is reported held."""
+    from projects.serve import slowclients
+    gaps: list[float] = []
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        t, end = loop.time(), loop.time() + 1.0
+        while loop.time() < end:
+            try:
+                if await asyncio.wait_for(reader.read(1), end - loop.time()):
+                    gaps.append(loop.time() - t)
+                    t = loop.time()
+            except asyncio.TimeoutError:
+                break
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await slowclients.run(slowclients.SlowConfig(
+                url=f"http://127.0.0.1:{port}", connections=3, rate_bps=4.0, seconds=3.2, held_limit_s=2.0))
+    got = asyncio.run(main())
+    assert got["answered"].get("408", 0) >= 6 and set(got["answered"]) == {"408"}, got
+    assert 1.0 <= got["answer_s"]["408"]["p50"] < 1.5, got["answer_s"]
+    assert got["closed_after_answer_s"]["n"] == got["answered"]["408"] and got["held_past_limit"] == 0, got
+    assert got["errors"] == {} and 0.2 <= float(np.median(gaps[1:])) < 0.35, (got, gaps[:8])
 
 
 def test_the_memory_check_reads_the_manifest_and_a_process_trees_peak(tmp_path):
