@@ -40,6 +40,12 @@ def build(verbose: bool = False) -> Path:
     """Compile (or find) the extension for this CPU, torch and source, and load it into the process."""
     from torch.utils.cpp_extension import load
     out = build_dir()
+    if built():
+        # loaded as it is: cpp_extension.load would re-run ninja, which recompiles whenever this checkout's or
+        # venv's paths differ from the build's (another clone, a worktree) -- a compiler's gigabyte and a
+        # minute at a replica's start -- although the folder's name already pins CPU, torch and source
+        torch.ops.load_library(str(out / "mlsys_kernels.so"))
+        return out
     out.mkdir(parents=True, exist_ok=True)
     load(name="mlsys_kernels", sources=[str(SOURCE)], build_directory=str(out), is_python_module=False,
          extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
