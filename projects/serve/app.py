@@ -223,6 +223,20 @@ async def search(body: SearchRequest, request: Request):
                          "index": {"type": st.index.manifest.get("index_type"), "count": st.index.ntotal}})
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed on the heap back to the OS (glibc's malloc_trim). Tensors of a few MiB come from the
+    heap once glibc's mmap threshold has risen past them, and a freed heap chunk stays in the process (and in
+    its container's memory count) until trimmed: after start-up that is the fp32 weights the generator was
+    quantized from, and warm-up's activations. No-op off glibc."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):   # no libc found, or not glibc
+        pass
+
+
 def create_app(settings: Settings | None = None, *, embedder: Embedder | None = None, index=None,
                engine=None) -> FastAPI:
     """The app. Components passed in are used as they are (tests share one loaded model); the others are
@@ -245,6 +259,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         loop = asyncio.get_running_loop()
         if not preloaded:
             st.embedder, st.index, st.engine = await loop.run_in_executor(None, load_components, s)
+            release_freed_memory()   # the fp32 masters the generator was quantized from
         if st.index is not None and st.index.dim != st.embedder.dim:
             raise ValueError(f"index dim {st.index.dim} != embedding dim {st.embedder.dim}")
         # keyed by weights AND dtype: bf16 vectors (cosine ~0.998 to fp32) must not answer fp32 replicas
@@ -280,6 +295,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
                 st.metrics.queue_depth.labels(name).set_function(lambda o=obj: o.depth)
         if s.warmup:
             await _warmup(st)
+            release_freed_memory()   # warm-up's full-batch activations
         # everything loaded so far (torch, the index's texts, the app) lives as long as the process: take it
         # out of the cyclic GC, whose full passes over ~10^6 such objects stall the event loop for 100s of ms
         gc.collect()

@@ -651,7 +651,15 @@ def test_the_memory_check_reads_the_manifest_and_a_process_trees_peak(tmp_path):
     """bench_hardening's replica_rss_mb inputs: the Deployment's literal env and memory limit in bytes, and the
     peak RSS summed over a process and its children (a child holding 200 MB counts)."""
     import yaml
-    from projects.serve.bench_hardening import manifest_replica, tree_peak_rss, tree_pss
+    from projects.serve.bench_hardening import GPU_LIB, manifest_replica, tree_peak_rss, tree_pss, tree_pss_gpu_libs
+    sp = "7f00-7f01 r-xp 00000000 08:01 42   /v/lib/python3.11/site-packages/"
+    gpu = ["nvidia/cublas/lib/libcublasLt.so.13", "torch/lib/libtorch_cuda.so", "triton/_C/libtriton.so",
+           "nvidia/cu13/lib/libnvrtc.so.13", "torch/lib/libc10_cuda.so"]
+    cpu = ["torch/lib/libtorch_cpu.so", "torch/lib/libc10.so", "torch/lib/libgomp-a34b3233.so.1",
+           "numpy.libs/libscipy_openblas64_-ff651d7f.so"]
+    assert all(GPU_LIB.search(sp + f) for f in gpu) and not any(GPU_LIB.search(sp + f) for f in cpu)
+    assert not GPU_LIB.search("7f00-7f01 r-xp 00000000 08:01 42   /usr/lib/x86_64-linux-gnu/libcurl.so.4")
+    assert 0 <= tree_pss_gpu_libs(os.getpid()) <= tree_pss(os.getpid())
     env, limit = manifest_replica()
     dep = next(d for f in (REPO / "deploy" / "k8s").glob("*.yaml") for d in yaml.safe_load_all(f.read_text())
                if d and d["kind"] == "Deployment")
