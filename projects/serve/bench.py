@@ -924,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Load generator (open loop, Poisson arrivals, latency from the scheduled send time) on the same "
         f"{os.cpu_count()} cores as the service; 1 text per embeddings request, WordNet passages.",
         f"Overload is refused with 429 + Retry-After: by nginx past {main_cluster.max_inflight} requests in flight per "
-        f"replica (limit_conn; the replica never sees them), and by a replica past {cfg.max_queue} queued texts. "
+        f"replica from one client address (limit_conn; the replica never sees them), and by a replica past {cfg.max_queue} queued texts. "
         f"Replicas run at nice {cfg.nice} so the load generator keeps the CPU a client on its own machine has.",
     ]
     for lv in over:   # a client behind its own schedule measures itself as much as the service
