@@ -2,6 +2,7 @@
 checked with `nginx -t` before any reload."""
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import subprocess
@@ -21,10 +22,10 @@ def render_nginx(cfg: ClusterConfig, run_dir: Path, servers: list[tuple[int, boo
         raise ValueError("nginx needs at least one replica in the upstream")
     lines = [f"        server 127.0.0.1:{port} max_fails={cfg.max_fails} fail_timeout={cfg.fail_timeout_s}s"
              + ("" if up else " down") + ";" for port, up in servers]
-    user = pwd.getpwuid(os.geteuid()).pw_name
     values = {
-        # as root, nginx would switch its workers to `nobody`, who cannot write the run directory
-        "user_directive": f"user {user};" if os.geteuid() == 0 else "",
+        # started as root, the master (which opens the logs and the listening socket) hands the workers that
+        # face clients to an unprivileged user; they write nothing to disk (see proxy_max_temp_file_size)
+        "user_directive": worker_user_directive(),
         "worker_processes": str(cfg.worker_processes),
         "run_dir": str(run_dir),
         "host": cfg.host,
@@ -44,6 +45,14 @@ def render_nginx(cfg: ClusterConfig, run_dir: Path, servers: list[tuple[int, boo
     if "{{" in text:
         raise ValueError(f"unfilled placeholder in {TEMPLATE}: {text[text.index('{{'):][:40]}")
     return text
+
+
+def worker_user_directive() -> str:
+    """`user nobody <its group>;` when this process is root, else "" (workers stay the user who starts nginx)."""
+    if os.geteuid() != 0:
+        return ""
+    nobody = pwd.getpwnam("nobody")
+    return f"user {nobody.pw_name} {grp.getgrgid(nobody.pw_gid).gr_name};"
 
 
 def nginx_cmd(cfg: ClusterConfig, run_dir: Path, *extra: str) -> list[str]:

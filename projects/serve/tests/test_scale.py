@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -95,7 +96,8 @@ def test_nginx_accepts_the_rendered_config(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_NGINX, reason=NO_NGINX)
 def test_nginx_own_errors_answer_in_the_apps_json_shape(tmp_path):
-    """No replica reachable (502), a body over nginx's limit (413): JSON like the app's errors, not HTML."""
+    """No replica reachable (502), a body over nginx's limit (413), /metrics or /nginx_status asked from another
+    address than the machine's own (403): JSON like the app's errors, not HTML."""
     import httpx
     cfg = cluster.ClusterConfig(port=free_port())
     (tmp_path / "nginx-tmp").mkdir()
@@ -111,15 +113,29 @@ def test_nginx_own_errors_answer_in_the_apps_json_shape(tmp_path):
                 break
             except httpx.TransportError:
                 time.sleep(0.05)
+        if os.geteuid() == 0:   # started as root: the workers, which face clients, are not root
+            workers = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir()
+                       for c in (t / "children").read_text().split()]
+            uids = {next(ln.split()[1] for ln in Path(f"/proc/{w}/status").read_text().splitlines()
+                         if ln.startswith("Uid:")) for w in workers}
+            assert workers and uids == {str(pwd.getpwnam("nobody").pw_uid)}, uids
         got = {"down": httpx.post(url + "/v1/embeddings", json={"input": "x"}, timeout=10),
                "chat": httpx.post(url + "/v1/chat/completions", json={"messages": []}, timeout=10),
                "health": httpx.get(url + "/readyz", timeout=10),
                "big": httpx.post(url + "/v1/embeddings", content=b"x" * (9 << 20),
-                                 headers={"content-type": "application/json"}, timeout=10)}
+                                 headers={"content-type": "application/json"}, timeout=10),
+               "metrics": httpx.get(url + "/metrics", timeout=10)}
+        # another address: the service answers it, but not the machine's own metrics and status
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=10) as other:
+            got["other_health"] = other.get(url + "/readyz")
+            got["other_metrics"] = other.get(url + "/metrics")
+            got["other_status"] = other.get(url + "/nginx_status")
     finally:
         proc.terminate()
         proc.wait(10)
-    for k in ("down", "chat", "health"):
+    for k in ("other_metrics", "other_status"):
+        assert got[k].status_code == 403 and got[k].json()["error"]["type"] == "forbidden", (k, got[k].text[:200])
+    for k in ("down", "chat", "health", "metrics", "other_health"):   # passed on (to replicas that are down)
         r = got[k]
         assert r.status_code in (502, 503) and r.json()["error"]["type"] == "unavailable", (k, r.text[:200])
         assert r.headers["content-type"].startswith("application/json") and "retry-after" in r.headers
