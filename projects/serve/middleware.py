@@ -174,7 +174,8 @@ class ServeMiddleware:
             return
         seen = [0]
         body_s = self.settings.body_timeout_s
-        body_end = [time.monotonic() + body_s if body_s > 0 else None]   # None once the body is in
+        loop = asyncio.get_running_loop()
+        body_end = [loop.time() + body_s if body_s > 0 else None]   # None once the body is in
 
         async def receive_limited():
             # until the body is complete each read waits only for what is left of body_timeout_s; after it,
@@ -183,7 +184,8 @@ class ServeMiddleware:
                 msg = await receive()
             else:
                 try:
-                    msg = await asyncio.wait_for(receive(), body_end[0] - time.monotonic())
+                    async with asyncio.timeout_at(body_end[0]):   # a timer on this task (wait_for adds a task)
+                        msg = await receive()
                 except TimeoutError:   # an HTTPException: FastAPI turns anything else raised here into a 400
                     raise StarletteHTTPException(408, f"request body not received within {body_s:g} s",
                                                  {"Connection": "close"}) from None
