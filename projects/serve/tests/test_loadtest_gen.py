@@ -130,6 +130,18 @@ def test_at_slo_takes_the_best_level_within_every_limit():
     assert at_slo(levels, {"ttft_p99_ms": 10}) == 0.0
 
 
+def test_median_run_is_the_middle_slo_run_with_every_runs_numbers_beside_it():
+    from projects.serve.bench import median_run
+    runs = [{"slo_rps": 10.0, "capacity_rps": 12.0, "levels": "a"},
+            {"slo_rps": 30.0, "capacity_rps": 33.0, "levels": "b"},
+            {"slo_rps": 20.0, "capacity_rps": 21.0, "levels": "c"}]
+    m = median_run(runs)
+    assert m["levels"] == "c" and m["slo_rps"] == 20.0 and m["capacity_rps"] == 21.0
+    assert m["runs_slo_rps"] == [10.0, 30.0, 20.0] and m["runs_capacity_rps"] == [12.0, 33.0, 21.0]
+    assert median_run(runs[:2])["levels"] == "a"          # an even count: the lower middle run
+    assert median_run(runs[1:2])["slo_rps"] == 30.0
+
+
 def test_send_reads_token_times_and_usage_from_a_stream():
     """A scripted SSE stream (3 tokens 50 ms apart, an empty final chunk, usage, [DONE]) through `send`."""
     aiohttp = pytest.importorskip("aiohttp")
