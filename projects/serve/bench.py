@@ -19,7 +19,7 @@ What it measures, in this order:
      times (medians) -- and a SIGKILLed replica under steady embeddings + search load;
      cache off vs on under a Zipf stream; the HTTP path alone (standin.py: the same routes, no model), the
      bound the cores put on served throughput; 1 replica x 2 threads on the same cores;
-  5. the generation load test (loadtest.GenWorkload: streamed completions from a fixed mix of prompt and
+  5. the generation load test (GenWorkload: streamed completions from a fixed mix of prompt and
      output lengths, open loop like vLLM's benchmark_serving) on 1 replica x 1 pinned thread behind nginx:
      the generator alone first (decode tokens/s at batch 1 and at gen_slots rows, prefill times: the
      bounds), then continuous batching (gen_slots rows) against one request at a time (1 row) -- capacity
@@ -50,6 +50,7 @@ from common import config
 from common.env import REPO_ROOT
 from common.timing import timed
 from projects.serve import loadtest
+from projects.serve.workload import GenWorkload, Workload, load_texts, system_prompt
 from projects.serve.procs import port_free
 from projects.serve.settings import Settings
 from projects.serve.cluster import ClusterConfig
@@ -242,7 +243,7 @@ def kv_cache_latency(name: str, n_tokens: int, n_points: int = 6, reps: int = 3)
     return res
 
 
-def offline_generation(settings: Settings, wl: loadtest.GenWorkload, system_tokens: int, threads: int,
+def offline_generation(settings: Settings, wl: GenWorkload, system_tokens: int, threads: int,
                        n_prompts: int = 64) -> dict:
     """The generator alone, built as a replica builds it (app.make_engine: the same weights, quantization and
     KV cache) on a replica's `threads`, no HTTP. Measures the bounds of the generation goals:
@@ -263,7 +264,7 @@ def offline_generation(settings: Settings, wl: loadtest.GenWorkload, system_toke
     model, tok = eng.model, eng.tokenizer
     ids_of = lambda text, special=True: tok(text, add_special_tokens=special)["input_ids"]  # noqa: E731
     n_special = len(ids_of("a")) - len(ids_of("a", False))            # a BOS the tokenizer puts first
-    system = tok.decode(ids_of(loadtest.system_prompt(wl.texts, 2 * system_tokens), False)[:system_tokens])
+    system = tok.decode(ids_of(system_prompt(wl.texts, 2 * system_tokens), False)[:system_tokens])
     rng = np.random.default_rng(0)
     prompts = [wl.request(rng)[2] for _ in range(n_prompts)]
     p_tok = float(np.mean([len(ids_of(b["prompt"])) for b in prompts]))
@@ -439,7 +440,7 @@ def cache_experiment(served: Served, cfg: BenchConfig, texts: list[str], seed: i
     rate: the level then starts from a cold cache, so the first send of a text is a miss and every later
     one a hit (the LRU holds the whole pool), and the hit rate is the counters' change over the level only.
     Capacity is measured after the level, on the warm cache."""
-    wl = loadtest.Workload(texts, {"embeddings": 1.0}, zipf=cfg.zipf)
+    wl = Workload(texts, {"embeddings": 1.0}, zipf=cfg.zipf)
 
     def counts() -> tuple[float, float]:
         m = served.scrape()
@@ -475,7 +476,7 @@ def cache_experiment(served: Served, cfg: BenchConfig, texts: list[str], seed: i
 def kill_experiment(served: Served, cfg: BenchConfig, texts: list[str], rate: float, seed: int) -> dict:
     """Steady embeddings + search at `rate`; SIGKILL one replica a third of the way in; count failures;
     then time until the supervisor has it back and ready."""
-    wl = loadtest.Workload(texts, {"embeddings": 0.7, "search": 0.3})
+    wl = Workload(texts, {"embeddings": 0.7, "search": 0.3})
     victim = served.state()["replicas"][0]
     killed = []
     duration = max(6.0, 2 * cfg.level_s)
@@ -536,7 +537,7 @@ def generation_experiment(cfg: BenchConfig, texts: list[str], off: dict, log) ->
     system-prompt level. The sweeps of both deployments draw the same requests (same seeds); the two
     system-prompt levels draw the same requests at the same times."""
     cl = cluster_config(cfg, 1, 1)
-    wl, wl_sys = loadtest.GenWorkload(texts), loadtest.GenWorkload(texts, system=off["system"])
+    wl, wl_sys = GenWorkload(texts), GenWorkload(texts, system=off["system"])
     levels = [float(x) for x in cfg.gen_levels.split(",")]
     rate_sys = cfg.gen_system_load / off["service_off_s"]
     out = {"rate_system": rate_sys, "deployment": deployment(1, 1)}
@@ -652,7 +653,7 @@ def generation_results(cfg: BenchConfig, off: dict, gen: dict | None, goal) -> t
                       *GEN_GOALS["gen_reject_p99_ms"], "" if rej else "nothing was refused"))
     notes.append(f"Generation load (open loop, Poisson arrivals, streamed greedy completions with usage): a fixed mix "
                  f"of prompts of ~{off['prompt_tokens_mean']:.0f} tokens on average and at most "
-                 f"{off['max_tokens_mean']:.0f} new tokens on average (loadtest.GEN_MIX), on 1 replica x 1 pinned "
+                 f"{off['max_tokens_mean']:.0f} new tokens on average (workload.GEN_MIX), on 1 replica x 1 pinned "
                  f"thread behind nginx, the load generator and nginx on the same {os.cpu_count()} cores. TTFT counts from the scheduled send; "
                  f"TPOT = (last - first token) / (completion tokens - 1); ITL = the gaps between stream events. "
                  f"Goodput: requests with TTFT <= {cfg.gen_ttft_slo_ms:g} ms and TPOT <= "
@@ -703,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("nginx not found (scripts/system_deps.sh installs it)")
         if not port_free("127.0.0.1", cfg.port):
             raise ValueError(f"port {cfg.port} is in use (--port)")
-        texts = loadtest.load_texts("wordnet", cfg.pool, seed=0)
+        texts = load_texts("wordnet", cfg.pool, seed=0)
     except (IndexMismatch, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -778,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"KV cache experiment skipped: {e}")
 
     # 4. served ---------------------------------------------------------------------------------------
-    wl = loadtest.Workload(texts, {"embeddings": 1.0})
+    wl = Workload(texts, {"embeddings": 1.0})
     served: dict[str, dict] = {}
     shape, alt = deployment(cfg.replicas, cfg.threads), deployment(1, cfg.replicas * cfg.threads)
     extra["deployments"] = {"main": shape, "alt": alt}
@@ -867,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.gen_model and cfg.gen_load:
         log("generation: the generator alone (decode batch 1 vs batched, prefill)")
         try:
-            off = offline_generation(gen_settings(cfg), loadtest.GenWorkload(texts), cfg.gen_system_tokens, 1)
+            off = offline_generation(gen_settings(cfg), GenWorkload(texts), cfg.gen_system_tokens, 1)
             extra["generation_offline"] = off
             try:
                 gen = generation_experiment(cfg, texts, off, log)

@@ -250,6 +250,7 @@ def replica_memory(cfg: HardeningConfig) -> dict:
     import os
     import subprocess
     from projects.serve import loadtest
+    from projects.serve.workload import GenWorkload, Workload, load_texts, system_prompt, words_from
     from projects.serve.index import wordnet_passages
     from projects.serve.procs import http_ok
     from projects.serve.settings import Settings
@@ -282,7 +283,7 @@ def replica_memory(cfg: HardeningConfig) -> dict:
             time.sleep(0.25)
         take()
         ready_rss, ready_pss = tree_peak_rss(proc.pid), list(pss)
-        texts = loadtest.load_texts("wordnet", 4000)
+        texts = load_texts("wordnet", 4000)
         st = Settings.from_env(env)
 
         async def sample():
@@ -294,16 +295,16 @@ def replica_memory(cfg: HardeningConfig) -> dict:
             sampler = asyncio.create_task(sample())
             async with loadtest.make_client(f"http://127.0.0.1:{port}", timeout_s=600) as client:
                 # the longest prompt the replica takes: max_chars characters, shortened until it fits gen_ctx
-                long, r_long = loadtest.words_from(texts, 0, st.max_chars)[:st.max_chars], None
+                long, r_long = words_from(texts, 0, st.max_chars)[:st.max_chars], None
                 for _ in range(8):
                     r_long = await loadtest.send(client, "completions", "/v1/completions",
                                                  {"prompt": long, "max_tokens": 8, "temperature": 0.0}, 0.0, 600)
                     if r_long.status != "400":
                         break
                     long = long[:int(0.85 * len(long))]
-                emb = loadtest.Workload(texts, {"embeddings": 1.0}, texts_per_request=32)
+                emb = Workload(texts, {"embeddings": 1.0}, texts_per_request=32)
                 s_emb, _ = await loadtest.run_level(client, emb, 4.0, 5.0, timeout_s=120)
-                gen = loadtest.GenWorkload(texts, system=loadtest.system_prompt(texts, 300))
+                gen = GenWorkload(texts, system=system_prompt(texts, 300))
                 s_gen, res = await loadtest.run_level(client, gen, 3.0, cfg.memory_load_s, timeout_s=600)
             sampler.cancel()
             return {"long_prompt_status": r_long.status, "long_prompt_chars": len(long),
@@ -342,9 +343,10 @@ def slow_clients(cfg: HardeningConfig) -> dict:
 
     from common.device import fast_dtype
     from projects.serve import bench, loadtest
+    from projects.serve.workload import Workload, load_texts
     bcfg = dataclasses.replace(bench.BenchConfig(), embed_dtype=fast_dtype(), port=cfg.slow_port)
-    texts = loadtest.load_texts("wordnet", bcfg.pool, seed=0)
-    wl = loadtest.Workload(texts, {"embeddings": 1.0})
+    texts = load_texts("wordnet", bcfg.pool, seed=0)
+    wl = Workload(texts, {"embeddings": 1.0})
     settings = bench.served_settings(bcfg, max_batch_size=bcfg.max_batch_size)
     head_s = 3.0
     levels, attacks = [], []

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from projects.serve import loadtest
-from projects.serve.loadtest import GEN_MIX, GenWorkload, Result, sse_event, summarize, token_metrics
+from projects.serve.workload import GEN_MIX, GenWorkload, system_prompt, words_from
+from projects.serve.loadtest import Result, sse_event, summarize, token_metrics
 
 TEXTS = [f"passage {i} says " + " ".join(f"w{i}_{j}" for j in range(5 + i % 7)) for i in range(200)]
 
@@ -82,13 +83,13 @@ def test_the_workload_is_fixed_by_the_seed_and_follows_the_mix():
 
 
 def test_a_shared_system_prompt_prefixes_every_prompt_and_keeps_the_rest():
-    system = loadtest.system_prompt(TEXTS, 300)
+    system = system_prompt(TEXTS, 300)
     assert len(system.split()) == 300
     plain, shared = requests(5, 20), requests(5, 20, system=system)
     for a, b in zip(plain, shared):
         assert b["prompt"] == f"{system}\n\n{a['prompt']}"
         assert b["max_tokens"] == a["max_tokens"]
-    assert loadtest.words_from(["a b", "c"], 1, 4) == "c a b c"      # wraps around the pool
+    assert words_from(["a b", "c"], 1, 4) == "c a b c"      # wraps around the pool
 
 
 def test_goodput_needs_both_ttft_and_tpot_within_the_slo():

@@ -28,6 +28,7 @@ import pytest
 
 from common.env import missing
 from projects.serve import autoscale, cluster, loadtest, nginx, procs
+from projects.serve.workload import Workload, parse_mix
 
 REPO = Path(__file__).resolve().parents[3]
 HAVE_NGINX = shutil.which("nginx") is not None
@@ -159,7 +160,7 @@ def test_poisson_schedule_has_the_offered_rate_and_exponential_gaps():
 
 def test_workload_mix_and_zipf():
     texts = [f"text {i}" for i in range(1000)]
-    wl = loadtest.Workload(texts, loadtest.parse_mix("embeddings=3,search=1"), zipf=1.1)
+    wl = Workload(texts, parse_mix("embeddings=3,search=1"), zipf=1.1)
     rng = np.random.default_rng(0)
     reqs = [wl.request(rng) for _ in range(4000)]
     routes = [r for r, _, _ in reqs]
@@ -168,7 +169,7 @@ def test_workload_mix_and_zipf():
     h = (1 / np.arange(1, 1001) ** 1.1).sum()
     assert abs(first.count("text 0") / 4000 - 1 / h) < 0.02     # P(rank 1) = 1/H(1000, 1.1)
     with pytest.raises(ValueError, match="unknown route"):
-        loadtest.parse_mix("embed=1")
+        parse_mix("embed=1")
 
 
 def test_summary_percentiles_goodput_and_errors_are_exact():
@@ -235,7 +236,7 @@ class _FakeServer:
 
 def test_loadtest_against_a_fake_server_counts_latency_errors_and_goodput():
     texts = ["fast a", "slow b", "fail c"]
-    wl = loadtest.Workload(texts, {"embeddings": 1.0})
+    wl = Workload(texts, {"embeddings": 1.0})
     rate, dur, seed = 40.0, 3.0, 7
     rng = np.random.default_rng(seed)                 # the same stream run_level will draw
     arrivals = loadtest.poisson_arrivals(rate, dur, rng)
@@ -271,7 +272,7 @@ def test_breakdown_splits_the_tail_by_the_replica_timing_headers():
 
 def test_sweep_runs_a_named_level_longer():
     """The level whose tail is a goal gets its own duration; the others keep the sweep's."""
-    wl = loadtest.Workload(["fast a"], {"embeddings": 1.0})
+    wl = Workload(["fast a"], {"embeddings": 1.0})
 
     async def go(port):
         async with loadtest.make_client(f"http://127.0.0.1:{port}") as c:
@@ -288,7 +289,7 @@ def test_sweep_runs_a_named_level_longer():
 def test_latency_counts_from_the_schedule_so_a_stall_is_not_hidden():
     # Open loop at 50/s while the server stalls 0.5 s once: every request due during the stall waits for
     # it. A closed-loop client would have sent ~1 request in that window; here ~25 see the stall.
-    wl = loadtest.Workload(["fast"], {"embeddings": 1.0})
+    wl = Workload(["fast"], {"embeddings": 1.0})
     arrivals = np.arange(0, 2.0, 0.02)
 
     async def go(port):
@@ -410,7 +411,7 @@ def test_replica_kill_rolling_restart_and_exact_stop(tmp_path):
         assert r.returncode == 0, r.stderr + (run_dir / "supervisor.log").read_text()
         st = _state(run_dir)
         victim = st["replicas"][0]
-        wl = loadtest.Workload([f"text {i}" for i in range(100)], {"embeddings": 0.7, "search": 0.3})
+        wl = Workload([f"text {i}" for i in range(100)], {"embeddings": 0.7, "search": 0.3})
         killed = []
 
         def kill_once(elapsed):
@@ -431,7 +432,7 @@ def test_replica_kill_rolling_restart_and_exact_stop(tmp_path):
 
         # rolling restart of every replica under load, streamed completions included: nothing fails
         before = {x["pid"] for x in _state(run_dir)["replicas"]}
-        wl_mix = loadtest.Workload([f"text {i}" for i in range(100)],
+        wl_mix = Workload([f"text {i}" for i in range(100)],
                                    {"embeddings": 0.5, "search": 0.2, "completions": 0.3}, max_tokens=10)
 
         assert subprocess.run([sys.executable, "-m", "projects.serve.cluster", "restart", *args],
