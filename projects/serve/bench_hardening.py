@@ -348,9 +348,10 @@ def slow_clients(cfg: HardeningConfig) -> dict:
     texts = load_texts("wordnet", bcfg.pool, seed=0)
     wl = Workload(texts, {"embeddings": 1.0})
     settings = bench.served_settings(bcfg, max_batch_size=bcfg.max_batch_size)
+    cluster = bench.cluster_config(bcfg, bcfg.replicas, bcfg.threads)
     head_s = 3.0
     levels, attacks = [], []
-    with bench.Served("slow-clients", bench.cluster_config(bcfg, bcfg.replicas, bcfg.threads), settings) as s:
+    with bench.Served("slow-clients", cluster, settings) as s:
         cap = asyncio.run(bench._capacity(s, wl, bcfg, seed=7))
         for i in range(2 * cfg.slow_rounds):
             slow = i % 2 == 1
@@ -380,7 +381,7 @@ def slow_clients(cfg: HardeningConfig) -> dict:
     med = lambda slow: float(np.median([lv["goodput_rps"] for lv in levels if lv["slow_clients"] == slow]))  # noqa: E731
     return {"capacity_rps": cap, "rate_rps": 0.5 * cap, "levels": levels, "slow": attacks,
             "goodput_without": med(False), "goodput_with": med(True), "body_timeout_s": body_timeout_s,
-            "per_address_limit": bench.cluster_config(bcfg, bcfg.replicas, bcfg.threads).admitted(bcfg.replicas),
+            "per_address_limit": cluster.admitted(bcfg.replicas),
             "deployment": bench.deployment(bcfg.replicas, bcfg.threads), "embed_dtype": bcfg.embed_dtype}
 
 

@@ -19,10 +19,9 @@ from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-import numpy as np
-
 from common import config
 from common.files import write_atomic
+from common.timing import percentile
 
 
 @dataclass
@@ -105,7 +104,7 @@ async def run(cfg: SlowConfig) -> dict:
             await asyncio.sleep(max(0.0, opened + period - loop.time()))   # at most one connect per tick
 
     await asyncio.gather(*(one(i) for i in range(cfg.connections)))
-    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
+    pct = lambda xs, q: percentile(xs, q) if xs else None  # noqa: E731
     return {"connections": cfg.connections, "rate_bps": cfg.rate_bps, "seconds": cfg.seconds, "path": cfg.path,
             "source": cfg.source, "answered": dict(status), "errors": dict(errors),
             "answer_s": {k: {"n": len(v), "p50": pct(v, 50), "max": max(v)} for k, v in answer_s.items()},
