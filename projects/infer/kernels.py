@@ -42,8 +42,8 @@ def build(verbose: bool = False) -> Path:
     out = build_dir()
     if built():
         # loaded as it is: cpp_extension.load would re-run ninja, which recompiles whenever this checkout's or
-        # venv's paths differ from the build's (another clone, a worktree) -- a compiler's gigabyte and a
-        # minute at a replica's start -- although the folder's name already pins CPU, torch and source
+        # venv's paths differ from the build's (another clone, a worktree) -- a whole compile, memory and
+        # minutes, inside a replica's start -- although the folder's name already pins CPU, torch and source
         torch.ops.load_library(str(out / "mlsys_kernels.so"))
         return out
     out.mkdir(parents=True, exist_ok=True)

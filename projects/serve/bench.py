@@ -80,8 +80,8 @@ class BenchConfig:
     """offered load as fractions of measured capacity"""
     repeats: int = 3
     """batch-1 and dynamic-batching sweeps, interleaved (both deployments up at once, the idle one idle):
-    their SLO throughputs are the medians, and the table, plots and overload goals use the median run. One
-    run of each moved the batch-1 capacity by a third between runs on the same 2-core VM"""
+    their SLO throughputs are the medians, and the table, plots and overload goals use the median run (one
+    run of each swung the batching ratios between runs on a 2-core VM; the goal's note lists every run)"""
     replicas: int = ClusterConfig.replicas
     """replicas of the served deployment (batch-1, dynamic batching, cache, SIGKILL), as `make serve` starts"""
     threads: int = ClusterConfig.threads
