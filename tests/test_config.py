@@ -107,9 +107,9 @@ def test_offline_has_one_reading(monkeypatch, value, on):
     monkeypatch.delenv("MLSYS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     assert env.offline() is on
-    from projects.infer import model as infer_model
+    from projects.infer import weights as infer_weights
     from projects.serve import model as serve_model
-    assert infer_model.offline() is on and serve_model.env_offline() is on
+    assert infer_weights.offline() is on and serve_model.env_offline() is on
 
 
 @pytest.mark.parametrize("module", [

@@ -52,7 +52,7 @@ from common.device import autocast_dtype, fast_dtype, get_device
 from common.timing import timed
 from projects.infer.generate import compile_decode, generate
 from projects.infer.gemv import use_gemv
-from projects.infer.model import load, resolve
+from projects.infer.weights import load, resolve
 from projects.infer.quantize import model_bytes
 
 IMPLS = ("ours", "ours-compiled", "hf", "hf-static", "hf-static-compiled", "llamacpp")
@@ -303,7 +303,7 @@ def profiles(cfg) -> list[dict]:
     import subprocess
     runs = [("before: int4 g32 (torch's int4 kernel), torch.compile as before, CPU flash attention",
              ["--scheme", "int4", "--compile", "default", "--no-kernels"]),
-            ("after: q4_1 (kernels.cpp), compile_decode (C++ wrapper, freezing), decode attention",
+            ("after: q4_1 (C++ kernels), compile_decode (C++ wrapper, freezing), decode attention",
              ["--scheme", "q4_1", "--compile", "cpp"]),
             ("bf16, eager", ["--scheme", "bf16", "--compile", "none"]),
             ("bf16, compile_decode", ["--scheme", "bf16", "--compile", "cpp"])]

@@ -44,7 +44,7 @@ from projects.infer.bench import kv_bytes
 from projects.infer.bench_quant import OUR, QuantBenchConfig, greedy_text, our_row, ppl_both, time_ours
 from projects.infer.distill import DistillConfig, DistillData, distill
 from projects.infer.eval import logits_fn, wikitext2_ids
-from projects.infer.model import from_hf, resolve, save_hf
+from projects.infer.weights import from_hf, resolve, save_hf
 
 DISTILL_DEFAULTS = DistillConfig()
 

@@ -31,7 +31,7 @@ from common.device import bf16_native, get_device, synchronize
 from common.memory import peak_memory_bytes, reset_peak_memory
 from projects.infer.eval import logits_fn, perplexity_chunks, perplexity_sliding, wikitext2_ids
 from projects.infer.generate import decode_step, prefill
-from projects.infer.model import from_hf, resolve
+from projects.infer.weights import from_hf, resolve
 from projects.infer import quantize as Q
 
 OUR = ["baseline", "baseline-fp32", "int8", "w8a8", "w8a8-smooth", "int4-g32", "int4-g128", "gptq", "awq", "qat",

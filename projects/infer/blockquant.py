@@ -13,10 +13,10 @@ Quantizers are llama.cpp's reference ones (ggml-quants.c, quantize_row_q4_1_ref 
 Storage: the same bytes as the GGUF (Q4_1 0.625 bytes/weight, Q8_0 1.0625), in the layout the kernels read
 (`pack_*`; `unpack_*` gives back the GGUF's rows): output rows in tiles of 16 (the last one zero-padded), and
 per (tile, block of 32 columns) the tile's 16 x 32 values as 16 column pairs x 16 rows x 2, so one vector of
-int16 is one column pair for all 16 rows (kernels.cpp's `tile`). Q4_1 halves it: byte (c, row, e) holds pair c
+int16 is one column pair for all 16 rows (csrc/blockquant.cpp's `tile`). Q4_1 halves it: byte (c, row, e) holds pair c
 in its low nibble and pair c + 8 in its high one. The scales d (and m) are (tiles, blocks, 16).
 
-Compute: for small M (decode, short prompts) on x86 the C++ kernels in kernels.cpp (integer dot products, the
+Compute: for small M (decode, short prompts) on x86 the C++ kernels in csrc/blockquant.cpp (integer dot products, the
 activations rounded to int16 per block of 32); otherwise (long prefill, GPUs, no compiler) the weight is
 dequantized to the activation dtype (on CPU by the C++ kernel, in one pass) and multiplied by `F.linear`, the
 platform's GEMM (AMX/oneDNN on CPU).

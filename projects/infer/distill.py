@@ -336,7 +336,7 @@ def distill(student, teacher, data: DistillData, cfg: DistillConfig, out_dir: st
 def main(argv=None) -> int:
     cfg = config.parse(DistillConfig, argv, prog="python -m projects.infer.distill",
                        description=__doc__.splitlines()[0], presets=PRESETS)
-    from projects.infer.model import load, resolve, save_hf
+    from projects.infer.weights import load, resolve, save_hf
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:

@@ -143,7 +143,7 @@ class EvalConfig:
 def main(argv=None) -> int:
     from common.device import autocast_dtype, get_device
     from common import config
-    from projects.infer.model import load
+    from projects.infer.weights import load
     cfg = config.parse(EvalConfig, argv, prog="python -m projects.infer.eval", description=__doc__.splitlines()[0])
     try:
         device = get_device(cfg.device)

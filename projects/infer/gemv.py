@@ -5,7 +5,7 @@
 
 At batch 1..8 a decode step is a matrix-vector product per layer, bound by reading the weights once. The
 platform GEMM (oneDNN/MKL through aten::mm) reaches a fraction of the read bandwidth at these shapes (the
-infer record's profile and head_gemv_GBps); kernels.cpp's bf16_linear streams the weight rows at close to it.
+infer record's profile and head_gemv_GBps); csrc/gemv.cpp's bf16_linear streams the weight rows at close to it.
 Every other shape (prefill, M > 8), device or dtype goes to F.linear unchanged. The weights are the same
 Parameters (a tied head stays tied); nothing is copied.
 """

@@ -23,7 +23,8 @@ import torch
 
 from common import config
 from common.device import autocast_dtype, get_device, synchronize
-from projects.infer.model import Transformer, load
+from projects.infer.model import Transformer
+from projects.infer.weights import load
 
 __all__ = ["load", "generate", "compile_decode", "decode_step", "sample"]
 STOP_CHECK_EVERY = 8

@@ -1,4 +1,4 @@
-"""The C++ kernels (kernels.cpp): built once per machine, loaded on first use, with a PyTorch fallback.
+"""The C++ kernels (csrc/: blockquant.cpp, gemv.cpp, attention.cpp, common.h): built once per machine, loaded on first use, with a PyTorch fallback.
 
     .venv/bin/python -m projects.infer.kernels        # build (or find) the extension; prints where it lives
 
@@ -23,11 +23,14 @@ import torch
 
 from common.env import cpu_tag, machine_cache_root
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = sorted(CSRC.glob("*.cpp"))  # one library; each file registers its own ops
+HEADERS = sorted(CSRC.glob("*.h"))
 
 
 def build_dir() -> Path:
-    h = hashlib.sha256((torch.__version__ + SOURCE.read_text()).encode()).hexdigest()[:8]
+    h = hashlib.sha256((torch.__version__ + "".join(f.name + f.read_text() for f in SOURCES + HEADERS)).encode())
+    h = h.hexdigest()[:8]
     return machine_cache_root() / "kernels" / f"{cpu_tag()}-{h}"
 
 
@@ -47,7 +50,7 @@ def build(verbose: bool = False) -> Path:
         torch.ops.load_library(str(out / "mlsys_kernels.so"))
         return out
     out.mkdir(parents=True, exist_ok=True)
-    load(name="mlsys_kernels", sources=[str(SOURCE)], build_directory=str(out), is_python_module=False,
+    load(name="mlsys_kernels", sources=[str(f) for f in SOURCES], build_directory=str(out), is_python_module=False,
          extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
          verbose=verbose)
     return out

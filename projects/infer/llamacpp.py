@@ -99,7 +99,7 @@ class LlamaCpp:
 def peer_gguf(fmt: str, threads: int) -> Path:
     """The GGUF of a peer row: q4_1 is the SmolLM2 file as shipped; q8_0 is llama.cpp's requantization of it."""
     from common.env import cache_root
-    from projects.infer.model import smollm2_gguf
+    from projects.infer.weights import smollm2_gguf
     src = smollm2_gguf()
     if fmt == "q4_1":
         return src
@@ -143,7 +143,7 @@ def gguf_read_bytes(gguf: Path) -> dict:
 
 def main() -> int:
     import time
-    from projects.infer.model import load, smollm2_gguf
+    from projects.infer.weights import load, smollm2_gguf
     if not available():
         print(f"error: {INSTALL_HINT}", file=sys.stderr)
         return 2

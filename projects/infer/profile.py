@@ -58,7 +58,6 @@ def bucket(name: str) -> str:
     return "elementwise"
 
 
-@torch.no_grad()
 @torch.no_grad()  # as generate() runs the step: traced with autograd, the step would carry its wrapper's cost
 def run(cfg: ProfileConfig) -> dict:
     os.environ["MLSYS_KERNELS"] = "1" if cfg.kernels else "0"  # read once, at the first kernel use
@@ -68,7 +67,7 @@ def run(cfg: ProfileConfig) -> dict:
         ic.cpp.enable_kernel_profile = True  # generated kernels appear as profiler events
     from projects.infer.blockquant import quantize_q4_1, quantize_q8_0
     from projects.infer.generate import compile_decode, decode_step
-    from projects.infer.model import load
+    from projects.infer.weights import load
     from projects.infer.quantize import quantize_int4, quantize_int8
     model, _ = load(cfg.model, "cpu", torch.float32)
     quant = {"int4": lambda m: quantize_int4(m, 32), "int8": quantize_int8, "q4_1": quantize_q4_1,

@@ -93,7 +93,7 @@ def load_components(s: Settings):
 def make_engine(s: Settings):
     import torch
     from common.device import fast_dtype, get_device
-    from projects.infer.model import load
+    from projects.infer.weights import load
     from projects.serve.engine import GenerationEngine
     from projects.infer import blockquant, quantize
     from projects.infer.gemv import use_gemv

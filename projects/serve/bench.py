@@ -218,7 +218,7 @@ def kv_cache_latency(name: str, n_tokens: int, n_points: int = 6, reps: int = 3)
     """Per-token decode latency (ms) at positions along the sequence: with the static KV cache (one token
     through the model per step) vs without (the whole prefix recomputed every step)."""
     import torch
-    from projects.infer.model import load
+    from projects.infer.weights import load
     model, _ = load(name, "cpu", torch.float32)
     model.eval()
     n_tokens = min(n_tokens, model.args.max_seq_len)

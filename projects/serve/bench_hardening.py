@@ -119,7 +119,7 @@ def auth_fuzz(n: int, seed: int = 0) -> dict:
     import random
     import httpx
     import torch
-    from projects.infer.model import load
+    from projects.infer.weights import load
     from projects.serve.app import create_app
     from projects.serve.engine import GenerationEngine
     from projects.serve.model import Embedder

@@ -10,7 +10,7 @@ import torch
 from projects.infer import eval as ev
 from projects.infer.generate import decode_step, generate, main as gen_main, prefill
 from common.env import assets_root
-from projects.infer.model import load, resolve, smollm2_gguf
+from projects.infer.weights import load, resolve, smollm2_gguf
 
 STORIES = assets_root() / "lm" / "stories260K"
 pytestmark = pytest.mark.skipif(not (STORIES / "model.safetensors").is_file(),
@@ -260,7 +260,7 @@ def test_replicas_converting_the_gguf_together_convert_it_once(tmp_path, monkeyp
     now one converts under a file lock and the other uses its folder."""
     import threading
     import time
-    from projects.infer import model as m
+    from projects.infer import weights as m
     monkeypatch.setenv("MLSYS_CACHE", str(tmp_path))
     gguf = tmp_path / "x.gguf"
     gguf.write_bytes(b"GGUF")

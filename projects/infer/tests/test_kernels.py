@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from projects.infer import blockquant as BQ
 from projects.infer import kernels
-from projects.infer.model import smollm2_gguf
+from projects.infer.weights import smollm2_gguf
 
 needs_kernels = pytest.mark.skipif(kernels.ops() is None,
                                    reason="C++ kernels not built (no compiler, or not x86_64): `make env` builds them")
@@ -146,7 +146,7 @@ def test_decode_attention_matches_sdpa(dtype, tol):
 def test_kernel_path_greedy_tokens_match_the_dequantized_path(monkeypatch, fmt):
     """32 greedy tokens of SmolLM2 in Q4_1 / Q8_0 on the kernel path = the same weights through F.linear."""
     from projects.infer.generate import generate
-    from projects.infer.model import load
+    from projects.infer.weights import load
     model, tok = load("smollm2-135m", "cpu", torch.float32)
     (BQ.quantize_q4_1 if fmt == "q4_1" else BQ.quantize_q8_0)(model)
     ids = tok("The history of the Roman Empire", return_tensors="pt").input_ids
@@ -189,7 +189,7 @@ def test_llamacpp_peer_greedy_and_logits():
     del llamacpp
     from projects.infer.generate import generate
     from projects.infer.llamacpp import LlamaCpp
-    from projects.infer.model import load
+    from projects.infer.weights import load
     model, tok = load("smollm2-135m", "cpu", torch.float32)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     ours = generate(model, ids, 8)[0, ids.shape[1]:].tolist()

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from common.env import assets_root
 from projects.infer import prune as P
 from projects.infer.distill import DistillConfig, DistillData, distill, kd_loss
-from projects.infer.model import ModelArgs, Transformer, load, save_hf
+from projects.infer.model import ModelArgs, Transformer
+from projects.infer.weights import load, save_hf
 from projects.infer.quantize import calibration_ids
 
 STORIES = assets_root() / "lm" / "stories260K"

@@ -83,7 +83,7 @@ def stories():
         pytest.skip(f"stories260K asset not found at {STORIES} (set MLSYS_ASSETS)")
     from transformers import AutoTokenizer
 
-    from projects.infer.model import from_hf
+    from projects.infer.weights import from_hf
     tok = AutoTokenizer.from_pretrained(STORIES)
     return (lambda: from_hf(STORIES, "cpu", torch.float32)), tok
 

@@ -54,7 +54,7 @@ def gen_parts():
     """(model, tokenizer) of stories260K through projects.infer, or a skip saying why."""
     try:
         import torch
-        from projects.infer.model import load
+        from projects.infer.weights import load
     except ImportError as e:
         pytest.skip(f"projects.infer not importable: {e}")
     try:

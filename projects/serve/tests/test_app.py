@@ -245,7 +245,7 @@ def _stream_tokens(text: str) -> tuple[str, str | None]:
 def test_streaming_equals_greedy_and_continuous_batching(embedder, gen_parts):
     import torch
     from projects.infer.generate import generate
-    from projects.infer.model import load
+    from projects.infer.weights import load
     from projects.serve.engine import GenerationEngine
     model, tok = gen_parts
     ref_model, _ = load("stories260k", "cpu", torch.float32)   # its own caches: the engine owns model's

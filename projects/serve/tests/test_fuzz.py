@@ -47,7 +47,7 @@ def client(embedder, small_index):
     engine = None
     try:
         import torch
-        from projects.infer.model import load
+        from projects.infer.weights import load
         from projects.serve.engine import GenerationEngine
         model, tok = load("stories260k", "cpu", torch.float32)
         engine = GenerationEngine(model, tok, n_slots=2)

@@ -11,7 +11,7 @@ import pytest
 
 from projects.serve import loadtest
 from projects.serve.workload import GEN_MIX, GenWorkload, system_prompt, words_from
-from projects.serve.loadtest import Result, sse_event, summarize, token_metrics
+from projects.serve.loadstats import Result, sse_event, summarize, token_metrics
 
 TEXTS = [f"passage {i} says " + " ".join(f"w{i}_{j}" for j in range(5 + i % 7)) for i in range(200)]
 

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from common.env import missing
-from projects.serve import autoscale, cluster, loadtest, nginx, procs
+from projects.serve import autoscale, cluster, loadstats, loadtest, nginx, procs
 from projects.serve.workload import Workload, parse_mix
 
 REPO = Path(__file__).resolve().parents[3]
@@ -173,12 +173,12 @@ def test_workload_mix_and_zipf():
 
 
 def test_summary_percentiles_goodput_and_errors_are_exact():
-    R = loadtest.Result
+    R = loadstats.Result
     # 100 OK requests with latencies 1..100 ms, 10 refused at 2 ms, 5 connection errors
     res = [R("embeddings", i, i, i + (i + 1) / 1000, "200") for i in range(100)]
     res += [R("search", 0, 0, 0.002, "503") for _ in range(10)]
     res += [R("search", 0, 0, 0.5, "ConnectError") for _ in range(5)]
-    s = loadtest.summarize(res, t0=0.0, offered_rps=1.0, duration_s=10.0, slo_s=0.050)
+    s = loadstats.summarize(res, t0=0.0, offered_rps=1.0, duration_s=10.0, slo_s=0.050)
     lat = np.arange(1, 101)
     assert s["p50_ms"] == pytest.approx(np.percentile(lat, 50))
     assert s["p99_ms"] == pytest.approx(np.percentile(lat, 99))
@@ -259,15 +259,15 @@ def test_loadtest_against_a_fake_server_counts_latency_errors_and_goodput():
 
 
 def test_breakdown_splits_the_tail_by_the_replica_timing_headers():
-    R = loadtest.Result
+    R = loadstats.Result
     fast = [R("embeddings", 0.0, 0.0, 0.030, "200", queue_ms=5.0, inference_ms=20.0) for _ in range(198)]
     slow = [R("embeddings", 0.0, 0.0, 0.100, "200", queue_ms=60.0, inference_ms=30.0) for _ in range(2)]
-    b = loadtest.summarize(fast + slow, t0=0.0, offered_rps=1.0, duration_s=1.0, slo_s=1.0)["breakdown"]
+    b = loadstats.summarize(fast + slow, t0=0.0, offered_rps=1.0, duration_s=1.0, slo_s=1.0)["breakdown"]
     assert b["median"]["queue_ms"] == pytest.approx(5.0) and b["median"]["other_ms"] == pytest.approx(5.0)
     assert b["p99_tail"]["n"] == 2 and b["p99_tail"]["queue_ms"] == pytest.approx(60.0)
     assert b["p99_tail"]["other_ms"] == pytest.approx(10.0)
     no_headers = [R("embeddings", 0.0, 0.0, 0.03, "200") for _ in range(200)]
-    assert loadtest.summarize(no_headers, 0.0, 1.0, 1.0, 1.0)["breakdown"] is None   # e.g. through a proxy
+    assert loadstats.summarize(no_headers, 0.0, 1.0, 1.0, 1.0)["breakdown"] is None   # e.g. through a proxy
 
 
 def test_sweep_runs_a_named_level_longer():
@@ -337,7 +337,7 @@ def test_a_connection_closed_before_any_response_is_sent_once_more_and_counted()
     assert (r.status, r.retried, n) == ("200", True, 2)
     r, n = asyncio.run(go(close_first=2))        # once only: a server that keeps failing is a failure
     assert (r.status, r.retried, n) == ("ServerDisconnectedError", True, 2)
-    s = loadtest.summarize([r], t0=0.0, offered_rps=1.0, duration_s=1.0, slo_s=1.0)
+    s = loadstats.summarize([r], t0=0.0, offered_rps=1.0, duration_s=1.0, slo_s=1.0)
     assert (s["failed"], s["retried"]) == (1, 1)
 
 

@@ -1,9 +1,7 @@
-// Low-bit matmuls on the CPU in llama.cpp's block formats (any M: decode and prefill), a bf16 GEMV, decode attention.
-//
+// Low-bit matmuls on the CPU in llama.cpp's block formats (any M: decode and prefill), and their dequantization:
 //   mlsys::q4_1_linear(x (M, K), qs (T, K/32, 256) uint8, d, m (T, K/32, 16) fp16, n) -> (M, n)
 //   mlsys::q8_0_linear(x (M, K), qs (T, K/32, 512) int8,  d (T, K/32, 16) fp16, n)    -> (M, n)
-//   mlsys::bf16_linear(x (M, K) float, w (N, K) bf16)                                 -> (M, N)  (AVX-512)
-//   mlsys::decode_attention(q, k, v, mask): one query position per row over the allowed cache slots
+//   mlsys::q{4_1,8_0}_dequantize(...) -> (n, K) in a float dtype (long prefill: dequantize once, then a GEMM)
 //
 // Blocks of 32 input columns. Q4_1: w = d * q + m with q in [0, 15]; Q8_0: w = d * q, q int8 (the GGUF's grids).
 // The weights are in tiles of 16 output rows (T = ceil(n / 16)), laid out for the instructions that read them
@@ -12,55 +10,9 @@
 // and the activations are rounded to int16 per block, so each block is an exact integer dot product
 // (AVX-512 VNNI vpdpwssd, AVX2 vpmaddwd, or scalar), scaled once per block. The result is F.linear(x, dequantized w)
 // up to that rounding and the fp32 summation order.
-// Built by projects/infer/kernels.py (torch.utils.cpp_extension, -march=native); AVX-512, AVX2 or scalar.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <type_traits>
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <vector>
+#include "common.h"
 
 namespace {
-
-constexpr int64_t QK = 32;
-constexpr int64_t MAX_M = 8;
-
-// fp16 -> fp32 in one instruction (c10's portable conversion is a software routine, per block too slow)
-#if defined(__F16C__)
-inline float h2f(at::Half h) { return _cvtsh_ss(h.x); }
-#else
-inline float h2f(at::Half h) { return static_cast<float>(h); }
-#endif
-
-// Weights are read once per call and usually come from DRAM: the hardware prefetcher alone leaves the
-// memory system idle between rows, so bf16_linear asks for the row PF ahead (cache lines into L2).
-constexpr int64_t PF = 8;
-inline void prefetch(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
-}
-
-// The (M, N) result in x's dtype: float rows written in place for float x, else through a reused scratch
-struct Out {
-  at::Tensor y;
-  float* yp;
-  thread_local static std::vector<float> scratch;
-  Out(const at::Tensor& x, int64_t M, int64_t N) : y(at::empty({M, N}, x.options())) {
-    if (x.scalar_type() == at::kFloat) {
-      yp = y.data_ptr<float>();
-    } else {
-      scratch.resize(M * N);
-      yp = scratch.data();
-    }
-  }
-  at::Tensor finish() {  // aten's copy converts (vectorised, and threaded for prefill's large outputs)
-    if (y.scalar_type() != at::kFloat) y.copy_(at::from_blob(yp, y.sizes(), y.options().dtype(at::kFloat)));
-    return y;
-  }
-};
-thread_local std::vector<float> Out::scratch;
 
 // ---- activations: each row rounded to int16 per block of 32, dx = max|x_block| / 32767 (a relative rounding
 // of 2^-16 of the block's largest value, far below the bf16 the model computes in; int8 activations,
@@ -248,21 +200,6 @@ void tile(const int16_t* xqq, const float* xdx, const float* xs, int64_t K, cons
 }
 #endif
 
-// calls f(std::integral_constant<int, M>) for M in 1..MAX_M
-template <typename F>
-void dispatch_m(int64_t M, F&& f) {
-  switch (M) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: TORCH_CHECK(false, "M must be in 1..8");
-  }
-}
 
 // x (M, K); qs (T, K/32, bytes per block); d, m (T, K/32, 16) fp16; N the output rows (the last tile may be
 // padded) -> (M, N) in x's dtype. Tiles are split over torch's intra-op threads. Any M: rows go in chunks of
@@ -379,156 +316,9 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tens
   return tiled_linear<false>(x, qs, d, nullptr, n);
 }
 
-
-#if defined(__AVX512F__)
-// ---- bf16 weights (N, K), K % 32 == 0: y = x w^T for small M. A bf16 is the top half of an fp32, so 16
-// weights widen with one zero-extension and one shift; fp32 multiply-adds with the fp32 activation rows.
-template <int M>
-void bf16_row(const float* x, int64_t K, const at::BFloat16* w, float* y, int64_t N) {
-  __m512 acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const __m256i* p = reinterpret_cast<const __m256i*>(w + k);
-    const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p)), 16));
-    const __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p + 1)), 16));
-    for (int r = 0; r < M; ++r) {
-      acc[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + k), acc[r]);
-      acc[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + k + 16), acc[r]);
-    }
-  }
-  for (int r = 0; r < M; ++r) y[r * N] = _mm512_reduce_add_ps(acc[r]);
-}
-
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "bf16_linear is a CPU kernel");
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(), "w must be (N, K) bf16");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(x.dim() == 2 && w.size(1) == K && K % 32 == 0 && M <= MAX_M, "x (M <= 8, K), K % 32 == 0");
-  thread_local std::vector<float> xf;
-  xf.resize(M * K);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bf16_linear", [&] {
-    const at::Tensor xc = x.contiguous();
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(xp[i]);
-  });
-  Out out(x, M, N);
-  float* yp = out.yp;
-  const float* xp = xf.data();  // the calling thread's buffer (a thread_local named inside the lambda would not be)
-  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
-  dispatch_m(M, [&](auto m_const) {
-    constexpr int MM = decltype(m_const)::value;
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        if (n + PF < n1) prefetch(wp + (n + PF) * K, 2 * K);
-        bf16_row<MM>(xp, K, wp + n * K, yp + n, N);
-      }
-    });
-  });
-  return out.finish();
-}
-#endif
-
-// ---- decode attention: one query position per row (T = 1), grouped-query heads, over the cache slots the
-// mask allows (only those are read). q (B, Hkv, R, D) with R = query heads per kv head; k, v (B, Hkv, S, D)
-// the static cache; mask (B or 1, S) bool. Per (row, kv head): scores of the R queries against each allowed
-// slot, a softmax in fp32, the weighted sum of values. Work is split over (row, kv head) pairs.
-// a row of D values -> fp32 (bf16 is the top half of an fp32: widen and shift, 16 at a time)
-template <typename T>
-inline void to_f32(const T* p, float* out, int64_t D) {
-  for (int64_t j = 0; j < D; ++j) out[j] = static_cast<float>(p[j]);
-}
-#if defined(__AVX512F__)
-template <>
-inline void to_f32<at::BFloat16>(const at::BFloat16* p, float* out, int64_t D) {
-  int64_t j = 0;
-  for (; j + 16 <= D; j += 16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j));
-    _mm512_storeu_ps(out + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-  }
-  for (; j < D; ++j) out[j] = static_cast<float>(p[j]);
-}
-#endif
-
-template <typename T>
-void attend_head(const T* q, const T* k, const T* v, const bool* mask, T* out, int64_t R, int64_t S, int64_t D,
-                 float scale) {
-  constexpr int64_t MAX_R = 16, MAX_D = 256;
-  thread_local std::vector<float> sc;  // (R, S) scores, then weights
-  sc.resize(R * S);
-  float qf[MAX_R * MAX_D], acc[MAX_R * MAX_D], row[MAX_D];
-  for (int64_t i = 0; i < R * D; ++i) { qf[i] = static_cast<float>(q[i]) * scale; acc[i] = 0; }
-  // pass 1: scores of the allowed slots (each key row converted to fp32 once, used by all R queries)
-  for (int64_t s = 0; s < S; ++s) {
-    if (!mask[s]) continue;
-    to_f32(k + s * D, row, D);
-    for (int64_t r = 0; r < R; ++r) {
-      float t = 0;
-#pragma omp simd reduction(+ : t)
-      for (int64_t j = 0; j < D; ++j) t += qf[r * D + j] * row[j];
-      sc[r * S + s] = t;
-    }
-  }
-  // softmax per query over the allowed slots
-  float den[MAX_R];
-  for (int64_t r = 0; r < R; ++r) {
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < S; ++s) if (mask[s]) mx = std::max(mx, sc[r * S + s]);
-    float sum = 0;
-    for (int64_t s = 0; s < S; ++s) {
-      const float w = mask[s] ? std::exp(sc[r * S + s] - mx) : 0.f;
-      sc[r * S + s] = w;
-      sum += w;
-    }
-    den[r] = sum > 0 ? 1 / sum : 0;
-  }
-  // pass 2: weighted sum of the allowed value rows
-  for (int64_t s = 0; s < S; ++s) {
-    if (!mask[s]) continue;
-    to_f32(v + s * D, row, D);
-    for (int64_t r = 0; r < R; ++r) {
-      const float w = sc[r * S + s];
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) acc[r * D + j] += w * row[j];
-    }
-  }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < D; ++j) out[r * D + j] = static_cast<T>(acc[r * D + j] * den[r]);
-}
-
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "q (B, Hkv, R, D), k and v (B', Hkv, S, D)");
-  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), S = k.size(2);
-  TORCH_CHECK(k.size(0) >= B && k.size(1) == H && k.size(3) == D, "k/v shapes do not match q");
-  TORCH_CHECK(R <= 16 && D <= 256, "decode_attention supports up to 16 query heads per kv head and head_dim 256");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) == S &&
-              (mask.size(0) == 1 || mask.size(0) == B), "mask must be (B or 1, S) bool");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "q, k, v: one dtype");
-  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == D && v.stride(3) == 1 && v.stride(2) == D &&
-              k.strides() == v.strides(), "k and v must be contiguous per head (B, Hkv, S, D) slices");
-  const at::Tensor qc = q.contiguous(), mc = mask.contiguous();
-  at::Tensor out = at::empty_like(qc);
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    const scalar_t *qp = qc.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const bool* mp = mc.data_ptr<bool>();
-    at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / H, h = i % H;
-        attend_head(qp + i * R * D, kp + b * ks0 + h * ks1, vp + b * ks0 + h * ks1,
-                    mp + (mask.size(0) == 1 ? 0 : b) * S, op + i * R * D, R, S, D, scale);
-      }
-    });
-  });
-  return out;
-}
-
 }  // namespace
 
-TORCH_LIBRARY(mlsys, lib) {
-  lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
-  lib.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
+TORCH_LIBRARY_FRAGMENT(mlsys, lib) {
   lib.def("q4_1_linear(Tensor x, Tensor qs, Tensor d, Tensor m, int n) -> Tensor");
   lib.def("q8_0_linear(Tensor x, Tensor qs, Tensor d, int n) -> Tensor");
   lib.def("q4_1_dequantize(Tensor qs, Tensor d, Tensor m, int n, ScalarType dtype) -> Tensor");
@@ -540,8 +330,4 @@ TORCH_LIBRARY_IMPL(mlsys, CPU, lib) {
   lib.impl("q8_0_linear", &q8_0_linear);
   lib.impl("q4_1_dequantize", &q4_1_dequantize);
   lib.impl("q8_0_dequantize", &q8_0_dequantize);
-  lib.impl("decode_attention", &decode_attention);
-#if defined(__AVX512F__)
-  lib.impl("bf16_linear", &bf16_linear);
-#endif
 }
