@@ -69,21 +69,13 @@ def compile_decode():
     The step's time split with and without these: docs/infer.md (from the infer record's profile)."""
     # dynamic=False: one static graph per batch size (automatic dynamic shapes would give slower kernels); the
     # graphs of every model and batch size compiled in one process share decode_step's cache, whose default
-    # limit of 8 entries a bench's rows exceed (past it dynamo would silently run the step eagerly)
+    # limit of 8 entries a bench's rows exceed (past it dynamo would silently run the step eagerly). Every guard
+    # stays, the weights' shapes included: without them a pruned model picked its parent's graph (the test that
+    # alternates the two), and skipping them per step (set_stance(skip_guard_eval_unsafe=True)) measured slower
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if torch.cuda.is_available():
         return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return torch.compile(decode_step, fullgraph=True, dynamic=False,
-                         options={"cpp_wrapper": True, "freezing": True, "guard_filter_fn": _skip_weight_guards})
-
-
-def _skip_weight_guards(entries) -> list[bool]:
-    """Dynamo's guards, minus the tensor checks on module weights: with freezing a changed weight would not be
-    seen either way, and checking each of them costs more per step than a layer's
-    kernels. Every other guard stays (which modules, of which types: another model recompiles) and so do the
-    KV cache's tensor checks (a reallocated cache recompiles)."""
-    return [e.guard_type != "TENSOR_MATCH" or "kv_cache" in e.name
-            or not e.orig_guard.source.is_unspecialized_nn_module() for e in entries]
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, "freezing": True})
 
 
 def prefill(model: Transformer, idx, key_valid):

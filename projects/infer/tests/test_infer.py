@@ -287,3 +287,25 @@ def test_replicas_converting_the_gguf_together_convert_it_once(tmp_path, monkeyp
     for t in threads:
         t.join()
     assert not errors and len(calls) == 1 and len(set(outs)) == 1 and len(outs) == 3
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_decode_matches_eager_when_two_models_alternate(stories):
+    """compile_decode's graphs are shared by every model in a process (the benches interleave models through
+    one step): alternating two models of different shapes must run each on its own graph, token for token as
+    eager. A guard filter that dropped the weights' guards once sent the pruned model to its parent's graph."""
+    import copy
+    from projects.infer.generate import compile_decode
+    from projects.infer.prune import importance, plan_pruning, prune
+    model, tok = stories
+    a = copy.deepcopy(model)
+    half = model.args.intermediate_size // 2           # another FFN width: another graph
+    b = prune(model, plan_pruning(model.args, importance(model, None, "magnitude"), intermediate_size=half))
+    ids = ids_of(tok, "Once upon a time")
+    eager = {k: generate(m, ids, 12)[0].tolist() for k, m in (("a", a), ("b", b))}
+    assert eager["a"] != eager["b"]                     # the two models tell apart, so a mix-up would show
+    step = compile_decode()
+    for _ in range(2):
+        for k, m in (("a", a), ("b", b)):
+            assert generate(m, ids, 12, decode_fn=step)[0].tolist() == eager[k], k
