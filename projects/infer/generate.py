@@ -15,6 +15,7 @@ written as padding and trimmed, so the output is the same as checking every toke
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -69,13 +70,28 @@ def compile_decode():
     The step's time split with and without these: docs/infer.md (from the infer record's profile)."""
     # dynamic=False: one static graph per batch size (automatic dynamic shapes would give slower kernels); the
     # graphs of every model and batch size compiled in one process share decode_step's cache, whose default
-    # limit of 8 entries a bench's rows exceed (past it dynamo would silently run the step eagerly). Every guard
-    # stays, the weights' shapes included: without them a pruned model picked its parent's graph (the test that
-    # alternates the two), and skipping them per step (set_stance(skip_guard_eval_unsafe=True)) measured slower
+    # limit of 8 entries a bench's rows exceed (past it dynamo would silently run the step eagerly)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if torch.cuda.is_available():
         return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return torch.compile(decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, "freezing": True})
+    return torch.compile(decode_step, fullgraph=True, dynamic=False,
+                         options={"cpp_wrapper": True, "freezing": True, "guard_filter_fn": _first_layer_weight_guards})
+
+
+_LATER_LAYER = re.compile(r"layers\W+(?:_modules\W+)?(?!0(?!\d))\d+")   # layers.<n>, n > 0, in a guard's source
+
+
+def _first_layer_weight_guards(entries) -> list[bool]:
+    """Dynamo's guards minus the tensor checks on the weights of layers 1..L-1: a few hundred checks every
+    step, a visible share of a small model's step (the A/B is in the commit that added this filter). The first
+    layer's weights, the embedding, head and norms, every layer's KV cache and every non-tensor guard (module
+    types, layer count) stay: Transformer builds every layer from the one ModelArgs (prune.py too), so the
+    first layer's shapes and dtypes stand for all of them, and a model of other shapes (a pruned one) gets its
+    own graph -- the test that alternates a model and its pruned copy. Dropping every weight guard, as this
+    path once did, sent the pruned model to its parent's graph."""
+    return [e.guard_type != "TENSOR_MATCH" or "kv_cache" in e.name
+            or not e.orig_guard.source.is_unspecialized_nn_module() or not _LATER_LAYER.search(e.name)
+            for e in entries]
 
 
 def prefill(model: Transformer, idx, key_valid):
