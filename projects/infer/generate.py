@@ -74,8 +74,8 @@ def compile_decode():
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if torch.cuda.is_available():
         return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return torch.compile(decode_step, fullgraph=True, dynamic=False,
-                         options={"cpp_wrapper": True, "freezing": True, "guard_filter_fn": _first_layer_weight_guards})
+    opts = {"cpp_wrapper": True, "freezing": True, "guard_filter_fn": _first_layer_weight_guards}
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, options=opts)
 
 
 _LATER_LAYER = re.compile(r"layers\W+(?:_modules\W+)?(?!0(?!\d))\d+")   # layers.<n>, n > 0, in a guard's source

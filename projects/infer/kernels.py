@@ -1,4 +1,5 @@
-"""The C++ kernels (csrc/: blockquant.cpp, gemv.cpp, attention.cpp, common.h): built once per machine, loaded on first use, with a PyTorch fallback.
+"""The C++ kernels (csrc/: blockquant.cpp, gemv.cpp, attention.cpp, common.h): built once per machine,
+loaded on first use, with a PyTorch fallback.
 
     .venv/bin/python -m projects.infer.kernels        # build (or find) the extension; prints where it lives
 

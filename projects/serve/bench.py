@@ -91,8 +91,9 @@ class BenchConfig:
     max_batch_size: int = Settings.max_batch_size
     """dynamic batching: most texts per batch (a full batch must fit the SLO with one queued behind it)"""
     max_queue: int = 64
-    """queued texts per replica before refusing: bounds the wait to ~max_queue / capacity, so accepted
-    requests keep their SLO under overload and the excess is refused at once. nginx's front-door admission
+    """queued texts per replica before refusing: bounds the wait to ~max_queue / capacity and refuses the
+    excess at once. A count, not seconds: on a slower machine accepted requests wait longer and can miss the
+    SLO under overload (goodput_fraction_at_overload's note in the serve record). nginx's front-door admission
     is the cluster's own default (ClusterConfig.max_inflight, as `make serve` runs it)"""
     nice: int = 10
     """replicas' niceness: the load generator shares the 2 cores, and its CPU (a real client's own machine)
@@ -120,7 +121,8 @@ class BenchConfig:
     """KV cache positions per row: the system prompt + the mix's longest prompt (~160 tokens) + 64 new fit"""
     gen_max_queue: int = 4
     """completions waiting for a row before a replica refuses: the wait stays within ~gen_max_queue /
-    capacity, so accepted requests keep the TTFT SLO under overload"""
+    capacity. A count, not seconds: on a slower machine the same count is a longer wait, and accepted
+    requests can miss the TTFT SLO under overload (gen_overload_goodput's note in the serve record)"""
     gen_levels: str = "0.5,0.75,1.0,1.5,2.0"
     """offered generation load as fractions of the measured capacity (one-at-a-time: those <= 1)"""
     gen_level_s: float = 15.0
@@ -911,8 +913,8 @@ def main(argv: list[str] | None = None) -> int:
                       dyn["slo_rps"] / b1 if b1 else None, 3, ">=",
                       f"{dyn['slo_rps']:.0f} vs {b1:.0f} req/s (medians of {len(dyn['runs_slo_rps'])} interleaved "
                       f"runs: {', '.join(f'{x:.0f}' for x in dyn['runs_slo_rps'])} vs "
-                      f"{', '.join(f'{x:.0f}' for x in served['batch1']['runs_slo_rps'])}); the model alone on a replica's "
-                      f"{thr}: x{ob['bound']:.2f} from batches of "
+                      f"{', '.join(f'{x:.0f}' for x in served['batch1']['runs_slo_rps'])}); "
+                      f"the model alone on a replica's {thr}: x{ob['bound']:.2f} from batches of "
                       f"{ob['batch']} over batch 1 ({ob['batch_texts_per_s']:.0f} vs {ob['batch1_texts_per_s']:.0f} "
                       f"texts/s)"))
     # the same ratio against its bound: how much of the model's own batching gain survives HTTP, nginx, the
