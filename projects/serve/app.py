@@ -108,7 +108,8 @@ def make_engine(s: Settings):
         model = schemes[s.gen_quant](model).to(dtype)
     use_gemv(model)  # the decode steps' float linears on the GEMV kernel (bf16 on AVX-512 CPUs; else unchanged)
     version = f"{s.gen_model}/{s.gen_quant or 'float'}/{dtype_name}"   # what the prefix cache's K/V depend on
-    return GenerationEngine(model, tok, n_slots=s.gen_slots, max_queue=s.gen_max_queue, max_seq_len=s.gen_ctx,
+    return GenerationEngine(model, tok, n_slots=s.gen_slots, max_queue=s.gen_max_queue,
+                            max_wait_s=s.gen_max_wait_ms / 1000, max_seq_len=s.gen_ctx,
                             prefix_cache_bytes=s.gen_prefix_cache_mb << 20, version=version, model_id=s.gen_model)
 
 
@@ -374,11 +375,13 @@ async def _warmup(st: State) -> None:
     await loop.run_in_executor(None, st.embedder.encode, texts)
     if st.index is not None:
         await loop.run_in_executor(None, _search_fn(st.index), [(np.ones(st.index.dim, np.float32), 10)] * 8)
-    if st.engine is not None:
+    if st.engine is not None:   # every row at once: decode steps of every batch size up to gen_slots
         from projects.serve.engine import GenRequest
-        req = st.engine.submit(GenRequest(st.engine.tokenizer("Once upon a time")["input_ids"], 4))
-        while await completions.next_token(req, None) is not None:
-            pass
+        ids = st.engine.tokenizer("Once upon a time")["input_ids"]
+        reqs = [st.engine.submit(GenRequest(ids, 4)) for _ in range(min(st.engine.n_slots, st.engine.max_queue))]
+        for req in reqs:
+            while await completions.next_token(req, None) is not None:
+                pass
 
 
 def _count_reject(st: State, exc: Exception) -> None:

@@ -111,7 +111,7 @@ class BenchConfig:
     """sequence length of the KV cache experiment"""
     gen_load: bool = True
     """run the generation load test (5.) on gen_model: the generator alone, 3 deployments started, capacity
-    runs, 8 levels of gen_level_s (+ the answers still streaming) and 2 system-prompt levels (the serve
+    runs, 8 levels of gen_level_requests (+ the answers still streaming) and 2 system-prompt levels (the serve
     record's wall time says what it cost)"""
     gen_quant: Literal["", "int8", "int4", "q4_1", "q8_0"] = "q4_1"
     """the generation deployments' quantization (SERVE_GEN_QUANT; "" for stories260k)"""
@@ -119,18 +119,22 @@ class BenchConfig:
     """KV cache rows of the continuous-batching deployment (the one-at-a-time deployment has 1)"""
     gen_ctx: int = 1024
     """KV cache positions per row: the system prompt + the mix's longest prompt (~160 tokens) + 64 new fit"""
-    gen_max_queue: int = 4
-    """completions waiting for a row before a replica refuses: the wait stays within ~gen_max_queue /
-    capacity. A count, not seconds: on a slower machine the same count is a longer wait, and accepted
-    requests can miss the TTFT SLO under overload (gen_overload_goodput's note in the serve record)"""
+    gen_max_queue: int = 16
+    """completions waiting for a row before a replica refuses: a bound on memory; gen_max_wait_ms is the one
+    that refuses under overload here"""
+    gen_max_wait_ms: float = 1000.0
+    """a replica refuses a completion whose expected wait for a row exceeds this: half the TTFT SLO, the rest
+    left for its own prefill (the mix's longest prompts), the HTTP path and the estimate's error. Seconds, not
+    a count: a count's wait grows with the machine's step time (a slower machine missed the SLO with 4)"""
     gen_levels: str = "0.5,0.75,1.0,1.5,2.0"
     """offered generation load as fractions of the measured capacity (one-at-a-time: those <= 1)"""
-    gen_level_s: float = 15.0
-    """seconds of arrivals per generation level: at a few completions per second a level holds only dozens of
-    them, and its goodput, its p99 and the overload ratio are counts of those (each level's count is in the
-    serve record; --full: 30 s)"""
-    gen_capacity_s: float = 10.0
-    """seconds of closed-loop generation to measure capacity (gen_slots + 1 users; 2 for one-at-a-time)"""
+    gen_level_requests: int = 40
+    """completions per generation level, the same ones at every level (Poisson times scaled to its rate): a
+    level of fixed seconds gave the light levels a handful, and levels drawing different requests differed
+    by their draws as much as by their load (--full: 80)"""
+    gen_capacity_s: float = 20.0
+    """seconds of closed-loop generation to measure capacity (gen_slots + 1 users; 2 for one-at-a-time); the
+    last three quarters count, some tens of completions"""
     gen_ttft_slo_ms: float = 2000.0
     """generation SLO: time to first token (p99 of a level, and per request for goodput)"""
     gen_tpot_slo_ms: float = 200.0
@@ -152,9 +156,9 @@ class BenchConfig:
 
 
 def full() -> BenchConfig:
-    """10 s levels and capacity runs; generation: 30 s levels from 0.25x, 24 requests per system-prompt level."""
+    """10 s levels and capacity runs; generation: 80 requests per level from 0.25x, 24 per system-prompt level."""
     return BenchConfig(level_s=10.0, capacity_s=10.0, gen_levels="0.25,0.5,0.75,1.0,1.25,1.5,2.0",
-                       gen_level_s=30.0, gen_capacity_s=20.0, gen_system_requests=24, preset="full")
+                       gen_level_requests=80, gen_capacity_s=40.0, gen_system_requests=24, preset="full")
 
 
 PRESETS = {"default": BenchConfig, "full": full}
@@ -383,7 +387,8 @@ def gen_settings(cfg: BenchConfig, **kw) -> Settings:
     return served_settings(cfg, **{"index_dir": "", "embed_worker": False, "max_batch_size": 8,
                                    "gen_model": cfg.gen_model, "gen_quant": cfg.gen_quant,
                                    "gen_slots": cfg.gen_slots, "gen_ctx": cfg.gen_ctx,
-                                   "gen_max_queue": cfg.gen_max_queue, **kw})
+                                   "gen_max_queue": cfg.gen_max_queue,
+                                   "gen_max_wait_ms": cfg.gen_max_wait_ms, **kw})
 
 
 def cluster_config(cfg: BenchConfig, replicas: int, threads: int, pin: bool = True) -> ClusterConfig:
@@ -508,7 +513,8 @@ def generation_sweep(served: Served, wl, cfg: BenchConfig, levels: list[float], 
     """sweep_experiment for the generation load: slots + 1 closed-loop users for capacity (one waits while a
     finished user's next request is on its way); `slo_tok_s` = the best output tokens/s of a level whose
     TTFT p99 and TPOT p99 are within the SLO, nothing refused or failed."""
-    e = sweep_experiment(served, wl, levels, seed, capacity_s=cfg.gen_capacity_s, level_s=cfg.gen_level_s,
+    e = sweep_experiment(served, wl, levels, seed, capacity_s=cfg.gen_capacity_s, level_s=0,
+                         level_requests=cfg.gen_level_requests,
                          concurrency=slots + 1, slo_ms=cfg.gen_ttft_slo_ms, tpot_slo_ms=cfg.gen_tpot_slo_ms,
                          timeout_s=60)
     e["slo_tok_s"] = at_slo(e["levels"], {"ttft_p99_ms": cfg.gen_ttft_slo_ms, "tpot_p99_ms": cfg.gen_tpot_slo_ms},
@@ -536,7 +542,7 @@ def system_prompt_level(served: Served, wl, cfg: BenchConfig, rate: float, seed:
 def generation_experiment(cfg: BenchConfig, texts: list[str], off: dict, log) -> dict:
     """The served generation load on 1 replica x 1 pinned thread behind nginx, three deployments in turn:
     continuous batching (gen_slots rows, prefix cache on): capacity, the sweep, then the system-prompt
-    level; one at a time (1 row): capacity and the sweep up to 1x; prefix cache off (gen_slots rows): the
+    level; one at a time (1 row, refusing by count alone): capacity and the sweep up to 1x; prefix cache off (gen_slots rows): the
     system-prompt level. The sweeps of both deployments draw the same requests (same seeds); the two
     system-prompt levels draw the same requests at the same times."""
     cl = cluster_config(cfg, 1, 1)
@@ -550,7 +556,9 @@ def generation_experiment(cfg: BenchConfig, texts: list[str], off: dict, log) ->
         log(f"generation: shared system prompt, prefix cache on, {rate_sys:.2f} req/s")
         out["prefix_on"] = system_prompt_level(s, wl_sys, cfg, rate_sys, seed=23)
     log("generation: one request at a time (1 row)")
-    with Served("gen-one", cl, gen_settings(cfg, gen_slots=1)) as s:
+    # admission by count alone: a level that refused does not count toward throughput at the SLO, so a bound in
+    # seconds could only lower the baseline's
+    with Served("gen-one", cl, gen_settings(cfg, gen_slots=1, gen_max_wait_ms=0)) as s:
         out["one_at_a_time"] = generation_sweep(s, wl, cfg, [x for x in levels if x <= 1.0], 1, seed=21)
     log(f"generation: shared system prompt, prefix cache off, {rate_sys:.2f} req/s")
     with Served("gen-cache-off", cl, gen_settings(cfg, gen_prefix_cache_mb=0)) as s:
@@ -649,7 +657,8 @@ def generation_results(cfg: BenchConfig, off: dict, gen: dict | None, goal) -> t
                       (f"peak {peak:.2f} req/s; " + "; ".join(
                           f"{lv['load_fraction']:g}x: {lv['goodput_rps']:.2f} req/s, {lv['refused']} of "
                           f"{lv['sent']} refused, accepted TTFT p99 {lv.get('ttft_p99_ms') or 0:.0f} ms" for lv in over)
-                       + f"; at most {cfg.gen_max_queue} requests wait for a row") if over else "no level >= 1.5x"))
+                       + f"; a replica refuses a completion expected to wait over {cfg.gen_max_wait_ms:g} ms "
+                         f"for a row") if over else "no level >= 1.5x"))
     rej = [lv["reject_p99_ms"] for lv in over if lv["reject_p99_ms"] is not None]
     goals.append(goal("gen_reject_p99_ms", "p99 time to a refusal of a completion at 1.5x and 2x capacity",
                       max(rej) if rej else None,

@@ -11,8 +11,12 @@ row advances one token per step, so long generations cannot starve short ones of
 A request's prompt is prefilled only past the longest prefix the prefix cache holds (prefix_cache.py): a
 shared system prompt is computed once, then copied into each new row.
 
-The waiting line is bounded (full -> `Overloaded`, 503/429 + Retry-After); a request whose client left or
-whose deadline passed while it waited is dropped before its prefill. The model runs in one worker thread
+Admission: a request is refused at once (`Overloaded`, 503/429 + Retry-After) when `max_queue` requests
+already wait, or when its expected wait for a row exceeds `max_wait_s` (`expected_wait_s`: the rows ahead
+run to their max_tokens and the prefills queued before it run, at the recently measured decode step and
+prefill times). A bound in seconds holds the wait the same on a slower machine; a count alone did not (its
+wait is count x service time). A request whose client left or whose deadline passed while it waited is
+dropped before its prefill. The model runs in one worker thread
 (off the event loop); tokens reach the caller through an asyncio queue as they are produced.
 """
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import heapq
+import math
 import contextlib
 from dataclasses import dataclass, field
 
@@ -51,6 +57,7 @@ class GenRequest:
     row: int = -1
     pos: int = 0                    # next cache slot to write (= tokens so far)
     n_new: int = 0
+    cached: int = 0                 # prompt tokens copied from the prefix cache, not prefilled
     last: int = 0
     generator: torch.Generator | None = None
     finish_reason: str | None = None
@@ -82,8 +89,8 @@ def _row_view(model, row: int):
 
 
 class GenerationEngine:
-    def __init__(self, model, tokenizer, *, n_slots: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
-                 stop_ids: tuple[int, ...] | None = None, name: str = "generate", on_step=None,
+    def __init__(self, model, tokenizer, *, n_slots: int = 8, max_queue: int = 64, max_wait_s: float = 0.0,
+                 max_seq_len: int | None = None, stop_ids: tuple[int, ...] | None = None, name: str = "generate", on_step=None,
                  prefix_cache_bytes: int = 0, version: str = "", model_id: str = "generator"):
         from projects.infer.generate import sample
         self._sample = sample
@@ -91,6 +98,7 @@ class GenerationEngine:
         self.tokenizer = tokenizer
         self.n_slots = n_slots
         self.max_queue = max_queue
+        self.max_wait_s = max_wait_s      # 0: admission by count alone
         self.ctx = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
         self.stop_ids = tuple(stop_ids) if stop_ids is not None else \
             ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
@@ -112,7 +120,8 @@ class GenerationEngine:
         self.steps = 0
         self.dropped = 0
         self.rejected = 0
-        self._step_s = 0.0
+        self._decode_s = 0.0              # EWMA of a decode step without prefills (recent batch sizes)
+        self._prefill_tok_s = 0.0         # EWMA of prefill seconds per prompt token
 
     @property
     def kv_bytes(self) -> int:
@@ -146,8 +155,23 @@ class GenerationEngine:
         self._active.clear()
         self._executor.shutdown(wait=True)
 
+    def expected_wait_s(self) -> float:
+        """Seconds until a request queued now would start its prefill: each running row frees after its
+        remaining max_tokens decode steps, each waiting request takes the first row to free (FIFO) and holds
+        it for its max_tokens, and every queued prefill stalls the engine before this one. An upper bound
+        where generations stop early (stop token, client gone); 0 before the first steps were timed."""
+        free_at = [(r.max_tokens - r.n_new) * self._decode_s for r in self._active.values()]
+        free_at += [0.0] * (self.n_slots - len(free_at))
+        heapq.heapify(free_at)
+        prefill_tokens = 0
+        for r in self._waiting:
+            heapq.heapreplace(free_at, free_at[0] + r.max_tokens * self._decode_s)
+            prefill_tokens += len(r.prompt_ids)
+        return free_at[0] + prefill_tokens * self._prefill_tok_s
+
     def retry_after_s(self) -> float:
-        return max(1.0, float(round(len(self._waiting) / max(1, self.n_slots) * 32 * self._step_s)))
+        """Retry-After: when the wait ahead of a new request has run down (integral, at least 1 s)."""
+        return max(1.0, float(math.ceil(self.expected_wait_s())))
 
     def submit(self, req: GenRequest, timeout_s: float | None = None) -> GenRequest:
         """Queue a request (or raise Overloaded); read its tokens from `req.out` until None."""
@@ -157,6 +181,10 @@ class GenerationEngine:
             self.rejected += 1
             raise Overloaded(f"generation queue is full ({len(self._waiting)}/{self.max_queue})",
                              self.retry_after_s())
+        if self.max_wait_s > 0 and (wait := self.expected_wait_s()) > self.max_wait_s:
+            self.rejected += 1
+            raise Overloaded(f"generation queue is full: a row frees in ~{wait:.1f} s, over the "
+                             f"{self.max_wait_s:g} s bound", max(1.0, math.ceil(wait)))
         if not req.prompt_ids:
             raise ValueError("empty prompt")
         if len(req.prompt_ids) + req.max_tokens > self.ctx:
@@ -181,7 +209,7 @@ class GenerationEngine:
         the prefix cache holds is copied in, not computed."""
         chain = self.prefix.match(r.prompt_ids) if self.prefix is not None else []
         try:
-            n = self.prefix.load(chain, r.row) if chain else 0
+            n = r.cached = self.prefix.load(chain, r.row) if chain else 0
             ids = torch.tensor([r.prompt_ids[n:]], dtype=torch.long, device=self.device)       # (1, T - n)
             with _row_view(self.model, r.row):
                 logits = self.model(ids, torch.arange(n, len(r.prompt_ids), device=self.device),
@@ -236,6 +264,17 @@ class GenerationEngine:
         top = lsm.topk(k) if k else (lsm[:0], chosen[:0])
         return torch.cat([lsm[chosen], top[0], top[1].float()])
 
+    def _time_step(self, dt: float, running: list[GenRequest], new: list[GenRequest]) -> None:
+        """Update the decode-step and per-token prefill EWMAs that expected_wait_s reads. A step's time is
+        its decode (when rows were running) plus its prefills; the total includes the one host sync, so
+        this holds on an asynchronous device too."""
+        if not new:
+            self._decode_s = dt if not self._decode_s else 0.9 * self._decode_s + 0.1 * dt
+            return
+        tokens = sum(len(r.prompt_ids) - r.cached for r in new)
+        per_tok = max(0.0, dt - (self._decode_s if running else 0.0)) / tokens
+        self._prefill_tok_s = per_tok if not self._prefill_tok_s else 0.9 * self._prefill_tok_s + 0.1 * per_tok
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -277,7 +316,7 @@ class GenerationEngine:
                     r.out.put_nowait(e)
                 continue
             dt = loop.time() - t0
-            self._step_s = dt if self.steps == 0 else 0.9 * self._step_s + 0.1 * dt
+            self._time_step(dt, running, new)
             self.steps += 1
             if self.on_step is not None:
                 self.on_step(self.name, len(running) + len(new), dt)

@@ -42,7 +42,7 @@ import numpy as np
 from common.files import write_atomic
 from common import config
 from common.env import REPO_ROOT
-from projects.serve.loadstats import Result, sse_event, summarize
+from projects.serve.loadstats import REFUSALS, Result, sse_event, summarize
 from projects.serve.workload import GenWorkload, Workload, load_texts, parse_mix, system_prompt
 
 
@@ -211,10 +211,15 @@ async def run_level(client, workload: Workload | GenWorkload, rate: float, durat
 
 async def measure_capacity(client, workload: Workload | GenWorkload, seconds: float, concurrency: int, seed: int = 0,
                            timeout_s: float = 30.0) -> float:
-    """Closed loop at `concurrency` in flight for `seconds`: successful requests/s (the saturation rate)."""
+    """Closed loop at `concurrency` in flight for `seconds`: successful requests/s (the saturation rate).
+
+    Only answers that end in the last three quarters count, over that span: the first wave arrives at once
+    (completions' prefills queue together) and the last drains with the server going idle, and over a few
+    seconds of requests that take seconds each, both moved the rate by tens of percent."""
     loop = asyncio.get_running_loop()
     rng = np.random.default_rng(seed + 1)
-    end = loop.time() + seconds
+    t0 = loop.time()
+    start, end = t0 + seconds / 4, t0 + seconds
     ok = 0
 
     async def user():
@@ -222,22 +227,34 @@ async def measure_capacity(client, workload: Workload | GenWorkload, seconds: fl
         while loop.time() < end:
             route, path, body = workload.request(rng)
             r = await send(client, route, path, body, loop.time(), timeout_s)
-            ok += r.status == "200"
+            ok += r.status == "200" and start <= loop.time() <= end
+            if r.status in REFUSALS:   # back off rather than spin on the cores the server shares
+                await asyncio.sleep(0.05)
 
-    t0 = loop.time()
     await asyncio.gather(*(user() for _ in range(concurrency)))
-    return ok / (loop.time() - t0)
+    return ok / (end - start)
 
 
 async def sweep(client, workload: Workload | GenWorkload, capacity: float, levels: list[float], duration_s: float,
                 *, slo_ms: float, timeout_s: float, tpot_slo_ms: float | None = None, seed: int = 0,
-                progress: bool = True, durations: dict[float, float] | None = None) -> list[dict]:
+                progress: bool = True, durations: dict[float, float] | None = None,
+                level_requests: int = 0) -> list[dict]:
     """One open-loop level per fraction of `capacity`, `duration_s` each unless `durations` names the
-    fraction: a level whose tail is a goal runs longer, as a p99 over 700 requests rests on the slowest 7."""
+    fraction: a level whose tail is a goal runs longer, as a p99 over 700 requests rests on the slowest 7.
+    With `level_requests` every level sends the same `level_requests` requests instead, at Poisson times of
+    the same gaps scaled to its rate: levels then differ in load alone, not in which requests they drew or
+    how many (slow requests, e.g. completions, would give a level of fixed seconds only dozens, and the
+    draws' spread swamped the levels' differences)."""
     rows = []
+    gaps = np.cumsum(np.random.default_rng(seed).exponential(1.0, level_requests)) if level_requests else None
     for i, frac in enumerate(levels):
-        s, _ = await run_level(client, workload, frac * capacity, (durations or {}).get(frac, duration_s),
-                               slo_ms=slo_ms, tpot_slo_ms=tpot_slo_ms, timeout_s=timeout_s, seed=seed + i)
+        rate = frac * capacity
+        if gaps is None:
+            dur, arrivals, level_seed = (durations or {}).get(frac, duration_s), None, seed + i
+        else:
+            dur, arrivals, level_seed = level_requests / rate, gaps / rate, seed
+        s, _ = await run_level(client, workload, rate, dur, arrivals=arrivals,
+                               slo_ms=slo_ms, tpot_slo_ms=tpot_slo_ms, timeout_s=timeout_s, seed=level_seed)
         s["load_fraction"] = frac
         rows.append(s)
         if progress:

@@ -76,6 +76,9 @@ class Settings:
     """most queries per FAISS search call"""
     gen_max_queue: int = 64
     """completions waiting for a KV cache slot beyond which requests are refused"""
+    gen_max_wait_ms: float = 0.0
+    """refuse a completion whose expected wait for a KV cache slot exceeds this (the rows ahead run to their
+    max_tokens and the queued prefills run, at the recently measured step times); 0 = by gen_max_queue alone"""
     request_timeout_s: float = 30.0
     """a request still queued after this long is dropped before compute (503)"""
     overload_status: Literal[503, 429] = 503
@@ -121,6 +124,8 @@ class Settings:
             self.max_texts = min(256, self.max_queue)
         if (self.rate_limit_rpm or self.rate_limit_tpm) and not (self.api_keys or self.api_keys_file):
             raise ValueError("rate limits are per API key: set api_keys or api_keys_file")
+        if self.gen_max_wait_ms < 0:
+            raise ValueError("gen_max_wait_ms must be >= 0 (0 = admission by gen_max_queue alone)")
         if self.max_texts > self.max_queue:
             raise ValueError("max_texts must be <= max_queue (a request is admitted whole)")
 

@@ -280,6 +280,7 @@ def test_streaming_equals_greedy_and_continuous_batching(embedder, gen_parts):
     assert too_long.status_code == 413 and bad.status_code == 422
     assert sampled[0].json()["choices"][0]["text"] == sampled[1].json()["choices"][0]["text"]  # same seed
     assert eng.active == 0 and eng.depth == 0
+    assert eng._decode_s > 0 and eng._prefill_tok_s > 0      # the step times admission estimates from
 
 
 def test_quantized_generator_setting(gen_parts):
