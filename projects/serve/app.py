@@ -378,7 +378,8 @@ async def _warmup(st: State) -> None:
     if st.engine is not None:   # every row at once: decode steps of every batch size up to gen_slots
         from projects.serve.engine import GenRequest
         ids = st.engine.tokenizer("Once upon a time")["input_ids"]
-        reqs = [st.engine.submit(GenRequest(ids, 4)) for _ in range(min(st.engine.n_slots, st.engine.max_queue))]
+        n = min(st.engine.n_slots, st.engine.max_queue)
+        reqs = [st.engine.submit(GenRequest(ids, 4)) for _ in range(n)]
         for req in reqs:
             while await completions.next_token(req, None) is not None:
                 pass

@@ -156,7 +156,8 @@ class BenchConfig:
 
 
 def full() -> BenchConfig:
-    """10 s levels and capacity runs; generation: 80 requests per level from 0.25x, 24 per system-prompt level."""
+    """10 s levels and capacity runs; generation: 80 requests per level from 0.25x, 24 per system-prompt
+    level."""
     return BenchConfig(level_s=10.0, capacity_s=10.0, gen_levels="0.25,0.5,0.75,1.0,1.25,1.5,2.0",
                        gen_level_requests=80, gen_capacity_s=40.0, gen_system_requests=24, preset="full")
 
@@ -542,8 +543,8 @@ def system_prompt_level(served: Served, wl, cfg: BenchConfig, rate: float, seed:
 def generation_experiment(cfg: BenchConfig, texts: list[str], off: dict, log) -> dict:
     """The served generation load on 1 replica x 1 pinned thread behind nginx, three deployments in turn:
     continuous batching (gen_slots rows, prefix cache on): capacity, the sweep, then the system-prompt
-    level; one at a time (1 row, refusing by count alone): capacity and the sweep up to 1x; prefix cache off (gen_slots rows): the
-    system-prompt level. The sweeps of both deployments draw the same requests (same seeds); the two
+    level; one at a time (1 row, refusing by count alone): capacity and the sweep up to 1x; prefix cache
+    off (gen_slots rows): the system-prompt level. The sweeps of both deployments draw the same requests (same seeds); the two
     system-prompt levels draw the same requests at the same times."""
     cl = cluster_config(cfg, 1, 1)
     wl, wl_sys = GenWorkload(texts), GenWorkload(texts, system=off["system"])
@@ -556,8 +557,8 @@ def generation_experiment(cfg: BenchConfig, texts: list[str], off: dict, log) ->
         log(f"generation: shared system prompt, prefix cache on, {rate_sys:.2f} req/s")
         out["prefix_on"] = system_prompt_level(s, wl_sys, cfg, rate_sys, seed=23)
     log("generation: one request at a time (1 row)")
-    # admission by count alone: a level that refused does not count toward throughput at the SLO, so a bound in
-    # seconds could only lower the baseline's
+    # admission by count alone: a level that refused does not count toward throughput at the SLO, so a
+    # bound in seconds could only lower the baseline's
     with Served("gen-one", cl, gen_settings(cfg, gen_slots=1, gen_max_wait_ms=0)) as s:
         out["one_at_a_time"] = generation_sweep(s, wl, cfg, [x for x in levels if x <= 1.0], 1, seed=21)
     log(f"generation: shared system prompt, prefix cache off, {rate_sys:.2f} req/s")

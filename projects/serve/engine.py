@@ -90,7 +90,8 @@ def _row_view(model, row: int):
 
 class GenerationEngine:
     def __init__(self, model, tokenizer, *, n_slots: int = 8, max_queue: int = 64, max_wait_s: float = 0.0,
-                 max_seq_len: int | None = None, stop_ids: tuple[int, ...] | None = None, name: str = "generate", on_step=None,
+                 max_seq_len: int | None = None, stop_ids: tuple[int, ...] | None = None, name: str = "generate",
+                 on_step=None,
                  prefix_cache_bytes: int = 0, version: str = "", model_id: str = "generator"):
         from projects.infer.generate import sample
         self._sample = sample
@@ -273,7 +274,8 @@ class GenerationEngine:
             return
         tokens = sum(len(r.prompt_ids) - r.cached for r in new)
         per_tok = max(0.0, dt - (self._decode_s if running else 0.0)) / tokens
-        self._prefill_tok_s = per_tok if not self._prefill_tok_s else 0.9 * self._prefill_tok_s + 0.1 * per_tok
+        ewma = 0.9 * self._prefill_tok_s + 0.1 * per_tok
+        self._prefill_tok_s = ewma if self._prefill_tok_s else per_tok
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -78,7 +78,8 @@ class Settings:
     """completions waiting for a KV cache slot beyond which requests are refused"""
     gen_max_wait_ms: float = 0.0
     """refuse a completion whose expected wait for a KV cache slot exceeds this (the rows ahead run to their
-    max_tokens and the queued prefills run, at the recently measured step times); 0 = by gen_max_queue alone"""
+    max_tokens and the queued prefills run, at the recently measured step times); 0 = by gen_max_queue
+    alone"""
     request_timeout_s: float = 30.0
     """a request still queued after this long is dropped before compute (503)"""
     overload_status: Literal[503, 429] = 503

@@ -23,8 +23,8 @@ def test_expected_wait_runs_the_rows_ahead_to_their_max_tokens(gen_parts):
     eng = GenerationEngine(model, tok, n_slots=2)
     assert eng.expected_wait_s() == 0.0                      # nothing timed yet, nothing ahead
     _state(eng)
-    # rows free at 0.10 s and 0.04 s; the waiting request takes the 0.04 s row and holds it 8 steps (to 0.12 s),
-    # so a new request gets the 0.10 s row, after the waiting request's 5-token prefill (0.01 s)
+    # rows free at 0.10 s and 0.04 s; the waiting request takes the 0.04 s row and holds it 8 steps (to
+    # 0.12 s), so a new request gets the 0.10 s row, after the waiting request's 5-token prefill (0.01 s)
     assert eng.expected_wait_s() == pytest.approx(0.11)
     eng._waiting.clear()
     assert eng.expected_wait_s() == pytest.approx(0.04)
