@@ -15,6 +15,7 @@ written as padding and trimmed, so the output is the same as checking every toke
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import time
@@ -149,23 +150,29 @@ def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, *
     input_pos = torch.tensor([T], device=device)
     logits = prefill(model, input_ids, key_valid)
     n = max_new_tokens
-    for i in range(max_new_tokens):
-        tok = sample(logits, temperature, top_k, top_p, gen)                          # (B,)
-        if len(stops):
-            tok = tok.masked_fill(done, pad)
-            hit = torch.isin(tok, stops) & ~done
-            last = torch.where(hit, i, last)
-            done |= hit
-        out[:, T + i] = tok
-        if on_token is not None:
-            on_token(tok)
-        if i == max_new_tokens - 1:
-            break
-        if len(stops) and (i + 1) % STOP_CHECK_EVERY == 0 and bool(done.all()):   # the one host sync
-            n = i + 1
-            break
-        logits = step(model, tok[:, None], input_pos, key_valid)
-        input_pos += 1
+    with contextlib.ExitStack() as steady:
+        for i in range(max_new_tokens):
+            tok = sample(logits, temperature, top_k, top_p, gen)                      # (B,)
+            if len(stops):
+                tok = tok.masked_fill(done, pad)
+                hit = torch.isin(tok, stops) & ~done
+                last = torch.where(hit, i, last)
+                done |= hit
+            out[:, T + i] = tok
+            if on_token is not None:
+                on_token(tok)
+            if i == max_new_tokens - 1:
+                break
+            if len(stops) and (i + 1) % STOP_CHECK_EVERY == 0 and bool(done.all()):   # the one host sync
+                n = i + 1
+                break
+            logits = step(model, tok[:, None], input_pos, key_valid)
+            input_pos += 1
+            if i == 0 and decode_fn is not None:
+                # the first step ran dynamo's guards (and compiled on a miss); every later step of this loop
+                # calls the same graph (same model, shapes, dtypes, cache), so only the guards that tell the
+                # cached graphs apart still run: a share of a small model's step (the A/B is in the commit)
+                steady.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
     if len(stops) and bool(done.all()):
         n = int(last.max()) + 1
     return out[:, :T + n]

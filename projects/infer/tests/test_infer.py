@@ -309,3 +309,5 @@ def test_compiled_decode_matches_eager_when_two_models_alternate(stories):
     for _ in range(2):
         for k, m in (("a", a), ("b", b)):
             assert generate(m, ids, 12, decode_fn=step)[0].tolist() == eager[k], k
+    from torch._dynamo.eval_frame import _stance          # generate() skips guards only inside its loop
+    assert not _stance.skip_guard_eval_unsafe
